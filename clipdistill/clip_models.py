@@ -1,0 +1,212 @@
+"""CLIP teachers: the small embedded one trained here, or an open_clip architecture + weights.
+
+Both are plain `open_clip.CLIP` modules behind one `ClipTeacher` wrapper, so synthesis, text
+features, distillation and evaluation run the same code on the embedded world and on ViT-L/14.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .augment import flip_translate
+from .runtime import PipelineError
+
+# OpenAI CLIP's preprocessing constants; the embedded teacher uses them too, so every teacher
+# takes the same [0, 1] input convention.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def embedded_clip_config(p, image_size: int) -> dict:
+    """open_clip.CLIP kwargs for the small embedded teacher, from `teacher.*` params."""
+    return {
+        "embed_dim": p.embed_dim,
+        "vision_cfg": {
+            "image_size": image_size,
+            "layers": p.vision_layers,
+            "width": p.vision_width,
+            "head_width": p.vision_width // p.vision_heads,
+            "patch_size": p.patch_size,
+        },
+        "text_cfg": {
+            "context_length": p.context_length,
+            "vocab_size": 49408,
+            "width": p.text_width,
+            "heads": p.text_heads,
+            "layers": p.text_layers,
+        },
+    }
+
+
+class ClipTeacher(nn.Module):
+    """A frozen-or-trainable open_clip CLIP with the project's input convention.
+
+    `encode_image` takes images in [0, 1] ([B, 3, H, W], any H, W: resized to `image_size`) and
+    normalises them itself; `encode_text` takes strings. Features are L2-normalised.
+    """
+
+    def __init__(self, model: open_clip.CLIP, image_size: int, context_length: int, spec: dict):
+        super().__init__()
+        self.model = model
+        self.image_size = image_size
+        self.context_length = context_length
+        self.spec = spec  # how to rebuild it: {"kind": "embedded", "config": ...} or open_clip name+pretrained
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self._tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.text_projection.shape[1]
+
+    @property
+    def logit_scale(self) -> float:
+        """The model's own scale: 100 for pretrained CLIP (ALGORITHMS.md 1), learned for the embedded one."""
+        return float(self.model.logit_scale.exp().clamp(max=100))
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self._tokenizer(texts).to(self.mean.device)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> normalised [B, 3, S, S] at the teacher's input size."""
+        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
+                                   align_corners=False, antialias=True)
+        return (images - self.mean) / self.std
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> unit-norm features [B, D]."""
+        return F.normalize(self.model.encode_image(self.preprocess(images)), dim=-1)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """list of B strings -> unit-norm features [B, D]."""
+        return F.normalize(self.model.encode_text(self.tokenize(texts)), dim=-1)
+
+    def logits(self, images: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
+        """Zero-shot logits [B, C] = logit_scale * cos(image feature, stored class vector)."""
+        return self.logit_scale * self.encode_image(images) @ class_features.t()
+
+
+def build_embedded_teacher(p, image_size: int) -> ClipTeacher:
+    cfg = embedded_clip_config(p, image_size)
+    model = open_clip.CLIP(**cfg)
+    return ClipTeacher(model, image_size, p.context_length, {"kind": "embedded", "config": cfg})
+
+
+def load_open_clip_teacher(model_name: str, pretrained: str) -> ClipTeacher:
+    """An open_clip architecture with a pretrained tag (needs the hub cache) or a local file.
+
+    OpenAI weights were trained with QuickGELU; open_clip only switches it on for `-quickgelu`
+    names, so a local OpenAI file or the `openai` tag forces it here.
+    """
+    is_file = Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors"} or "/" in pretrained
+    if is_file and not Path(pretrained).is_file():
+        raise PipelineError(f"teacher checkpoint not found: {pretrained} (download it and set teacher.pretrained)")
+    quick = pretrained == "openai" or (is_file and "openai" in Path(pretrained).name.lower())
+    try:
+        model = open_clip.create_model(model_name, pretrained=pretrained or None, force_quick_gelu=quick)
+    except RuntimeError as exc:
+        raise PipelineError(f"cannot load open_clip {model_name} with pretrained={pretrained!r}: "
+                            f"{str(exc).splitlines()[0]}") from None
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return ClipTeacher(model, int(size), model.context_length,
+                       {"kind": "open_clip", "model": model_name, "pretrained": pretrained})
+
+
+def save_teacher(teacher: ClipTeacher, path: str | Path) -> None:
+    """Embedded teachers store weights; open_clip teachers store only where their weights live."""
+    blob = {"spec": teacher.spec, "image_size": teacher.image_size, "context_length": teacher.context_length}
+    if teacher.spec["kind"] == "embedded":
+        blob["state_dict"] = teacher.model.state_dict()
+    torch.save(blob, path)
+
+
+def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> ClipTeacher:
+    """Rebuild the teacher a `teacher` stage wrote; frozen, in eval mode, on `device`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "teacher.pt"
+    if not path.is_file():
+        raise PipelineError(f"teacher checkpoint not found: {path} (run the teacher stage)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        spec = blob["spec"]
+    except Exception as exc:  # any unreadable file is one error to the user
+        raise PipelineError(f"teacher checkpoint {path} is unreadable: {type(exc).__name__}") from None
+    if spec["kind"] == "embedded":
+        model = open_clip.CLIP(**spec["config"])
+        model.load_state_dict(blob["state_dict"])
+        teacher = ClipTeacher(model, blob["image_size"], blob["context_length"], spec)
+    else:
+        teacher = load_open_clip_teacher(spec["model"], spec["pretrained"])
+    teacher.eval().requires_grad_(False)
+    return teacher.to(device)
+
+
+def multi_positive_clip_loss(img: torch.Tensor, txt: torch.Tensor, token_ids: torch.Tensor,
+                             logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE where every pair with an identical caption is a positive.
+
+    With 7 classes and a handful of styles, a batch holds many identical captions; treating them
+    as negatives (plain CLIP) would push apart features that should match. Targets are the
+    uniform distribution over identical-caption partners.
+    img, txt: unit-norm [B, D]; token_ids: [B, L].
+    """
+    logits = logit_scale * img @ txt.t()
+    same = (token_ids[:, None, :] == token_ids[None, :, :]).all(-1).float()
+    targets = same / same.sum(1, keepdim=True)
+    loss_i = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
+    loss_t = torch.sum(-targets * F.log_softmax(logits.t(), dim=1), dim=1).mean()
+    return 0.5 * (loss_i + loss_t)
+
+
+def train_teacher(teacher: ClipTeacher, images: torch.Tensor, captions: list[str], *, epochs: int,
+                  batch_size: int, lr: float, weight_decay: float, generator: torch.Generator,
+                  device: torch.device) -> list[float]:
+    """Image-caption contrastive training of the embedded teacher.
+
+    images: uint8 [N, 3, H, W]; captions: N strings. AdamW + cosine schedule with warm-up;
+    light augmentation (flip, 4-px translation). Returns per-step losses.
+    """
+    teacher.train().to(device)
+    tokens = teacher._tokenizer(captions)
+    params_decay = [p for n, p in teacher.model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    params_other = [p for n, p in teacher.model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": params_decay, "weight_decay": weight_decay},
+                             {"params": params_other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    n = images.shape[0]
+    steps_per_epoch = max(1, n // batch_size)
+    total = epochs * steps_per_epoch
+    warmup = max(1, total // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(s / total * 3.14159265)).item()))
+    losses = []
+    bar = tqdm(total=total, desc="teacher", disable=None)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for b in range(steps_per_epoch):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            x = flip_translate(images[idx].float().div(255), generator).to(device)
+            tok = tokens[idx].to(device)
+            img_f = F.normalize(teacher.model.encode_image(teacher.preprocess(x)), dim=-1)
+            txt_f = F.normalize(teacher.model.encode_text(tok), dim=-1)
+            loss = multi_positive_clip_loss(img_f, txt_f, tok, teacher.model.logit_scale.exp())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                teacher.model.logit_scale.clamp_(0, 4.6052)  # ln(100), as open_clip does
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    teacher.eval()
+    return losses

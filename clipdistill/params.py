@@ -1,0 +1,266 @@
+"""The one config source: `params.yaml` parsed into typed dataclasses and validated.
+
+Every stage calls `load_params()` first, so an unknown key, a wrong type or an empty class list
+fails at stage start with one line naming the key, before anything is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A params.yaml problem; the message is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class WorldParams:
+    classes: list[str]
+    image_size: int = 32
+    eval_domains: list[str] = field(default_factory=lambda: ["photo", "painting", "cartoon", "sketch"])
+    train_styles: list[str] = field(default_factory=list)
+    train_per_class_style: int = 80
+    test_per_class_domain: int = 60
+
+
+@dataclass(frozen=True)
+class TeacherParams:
+    source: str = "embedded"
+    open_clip_model: str = "ViT-B-32"
+    pretrained: str = ""
+    embed_dim: int = 64
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    patch_size: int = 8
+    text_width: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    context_length: int = 16
+    epochs: int = 12
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+
+
+@dataclass(frozen=True)
+class GeneratorParams:
+    source: str = "embedded"
+    taming_config: str = ""
+    taming_checkpoint: str = ""
+    embed_dim: int = 32
+    n_embed: int = 256
+    ch: int = 32
+    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2])
+    num_res_blocks: int = 1
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 2e-3
+
+
+@dataclass(frozen=True)
+class PromptsParams:
+    method: str = "vanilla"
+    per_class: int = 120
+    template: str = "a photo of a {}"
+
+
+@dataclass(frozen=True)
+class SynthesizeParams:
+    batch_size: int = 64
+    shard_size: int = 128
+    steps: int = 40
+    lr: float = 0.1
+    cutn: int = 8
+    cut_pow: float = 1.0
+    min_cut: float = 0.5
+    augment: bool = True
+
+
+@dataclass(frozen=True)
+class TextFeaturesParams:
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+
+
+@dataclass(frozen=True)
+class DistillParams:
+    student: str = "cnn"
+    head: str = "projection"
+    loss: str = "kl"
+    depth: int = 2
+    width: int = 32
+    temperature: float = 4.0
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    augment: bool = True
+
+
+@dataclass(frozen=True)
+class EvalDataset:
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    batch_size: int = 256
+    datasets: list[EvalDataset] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Params:
+    world: WorldParams
+    teacher: TeacherParams
+    generator: GeneratorParams
+    prompts: PromptsParams
+    synthesize: SynthesizeParams
+    text_features: TextFeaturesParams
+    distill: DistillParams
+    eval: EvalParams
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0
+
+
+# Allowed values of the keys that pick among implementations; the registries live next to the code.
+CHOICES = {
+    "device": ("cpu", "cuda", "auto"),
+    "teacher.source": ("embedded", "open_clip"),
+    "generator.source": ("embedded", "taming"),
+    "prompts.method": ("vanilla",),
+    "distill.student": ("cnn",),
+    "distill.head": ("projection", "linear"),
+    "distill.loss": ("kl", "reverse_kl", "symmetric_kl"),
+}
+POSITIVE = {
+    "world.image_size", "world.train_per_class_style", "world.test_per_class_domain",
+    "teacher.embed_dim", "teacher.epochs", "teacher.batch_size", "teacher.context_length",
+    "generator.steps", "generator.batch_size", "generator.n_embed", "generator.embed_dim",
+    "prompts.per_class", "synthesize.batch_size", "synthesize.shard_size", "synthesize.steps",
+    "synthesize.cutn", "distill.epochs", "distill.batch_size", "distill.width", "distill.depth",
+    "distill.temperature", "eval.batch_size",
+}
+NON_EMPTY = {"world.classes", "world.eval_domains", "world.train_styles", "text_features.templates"}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, key: str):
+    """Check `value` against the annotation `tp`; returns the typed value or raises ParamsError."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ParamsError(f"params key '{key}' must be a list, got {type(value).__name__}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"params key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"params key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"params key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ParamsError(f"params key '{key}' must be a string, got {value!r}")
+        return value
+    raise ParamsError(f"params key '{key}' has an unsupported type {_type_name(tp)}")
+
+
+def _build(cls, raw, prefix: str):
+    where = prefix or "params.yaml"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params section '{where}' must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            full = f"{prefix}.{key}" if prefix else key
+            raise ParamsError(f"unknown params key '{full}' (known in '{where}': {', '.join(fields)})")
+    values = {}
+    for name, f in fields.items():
+        full = f"{prefix}.{name}" if prefix else name
+        if name in raw:
+            values[name] = _coerce(raw[name], hints[name], full)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ParamsError(f"missing params key '{full}'")
+    return cls(**values)
+
+
+def _check_values(p: Params) -> None:
+    def get(key):
+        obj = p
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    for key, allowed in CHOICES.items():
+        if get(key) not in allowed:
+            raise ParamsError(f"params key '{key}' is {get(key)!r}; choose one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        if get(key) <= 0:
+            raise ParamsError(f"params key '{key}' must be > 0, got {get(key)!r}")
+    for key in NON_EMPTY:
+        if not get(key):
+            raise ParamsError(f"params key '{key}' is empty; list at least one entry")
+    for key in ("world.classes", "world.eval_domains", "world.train_styles"):
+        items = get(key)
+        if len(set(items)) != len(items):
+            raise ParamsError(f"params key '{key}' has duplicate entries")
+    missing = [d for d in p.world.eval_domains if d not in p.world.train_styles]
+    if p.teacher.source == "embedded" and missing:
+        raise ParamsError(f"params key 'world.train_styles' lacks evaluated domain(s) {', '.join(missing)}")
+    for key in ("prompts.template",):
+        if "{}" not in get(key):
+            raise ParamsError(f"params key '{key}' must contain '{{}}' where the class name goes")
+    for i, t in enumerate(p.text_features.templates):
+        if "{}" not in t:
+            raise ParamsError(f"params key 'text_features.templates[{i}]' must contain '{{}}'")
+    if not 0 < p.synthesize.min_cut <= 1:
+        raise ParamsError(f"params key 'synthesize.min_cut' must be in (0, 1], got {p.synthesize.min_cut}")
+    names = [d.name for d in p.eval.datasets]
+    if len(set(names)) != len(names) or "world" in names:
+        raise ParamsError("params key 'eval.datasets' needs unique names other than 'world'")
+    if p.teacher.source == "open_clip" and not p.teacher.pretrained:
+        raise ParamsError("params key 'teacher.pretrained' must name an open_clip tag or checkpoint path "
+                          "when teacher.source is open_clip")
+    if p.generator.source == "taming" and not (p.generator.taming_config and p.generator.taming_checkpoint):
+        raise ParamsError("params keys 'generator.taming_config' and 'generator.taming_checkpoint' are "
+                          "required when generator.source is taming")
+
+
+def parse_params(raw: dict) -> Params:
+    """Validate a params mapping (as read from YAML) into `Params`; raises ParamsError."""
+    params = _build(Params, raw if raw is not None else {}, "")
+    _check_values(params)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; a bad file fails with one line naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    with open(path) as fh:
+        try:
+            raw = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_params(raw)

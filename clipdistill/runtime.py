@@ -1,0 +1,102 @@
+"""Things every stage needs once: seeding, device choice, atomic outputs and one-line errors.
+
+Outputs are written to a temporary sibling and renamed on success, so an interrupted stage never
+leaves a half-written artifact that a later stage (or DVC) would trust.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class PipelineError(RuntimeError):
+    """A user-facing failure (bad input file, missing folder, ...); printed as one line."""
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; returns a CPU torch.Generator for explicit draws."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
+
+
+def setup_torch(device: str, threads: int) -> torch.device:
+    """Resolve `cpu | cuda | auto` once; fail clearly when cuda is asked for but absent."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("device is 'cuda' but torch sees no CUDA GPU; set device: cpu or auto")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a temporary directory that replaces `path` only if the block succeeds."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path):
+    """Yield a temporary file path that replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def write_json(path: str | Path, obj) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def run_stage(main) -> None:
+    """Run a stage's main(); user errors exit 1 with one line on stderr, not a traceback."""
+    from .params import ParamsError
+
+    try:
+        main()
+    except (ParamsError, PipelineError, FileNotFoundError, ValueError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(1)
+
+
+def stage_args(description: str, *paths: str):
+    """Parse the stage's path arguments (paths live in dvc.yaml, nowhere else) and --params."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml")
+    for name in paths:
+        parser.add_argument(f"--{name}", required=True)
+    return parser.parse_args()

@@ -1,0 +1,70 @@
+"""The one distillation loop: any student, any loss, any image source.
+
+Each step the same augmented batch goes to the frozen teacher (logits against the stored class
+vectors) and to the student; the loss compares the two logit sets. Nothing uses labels.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm import tqdm
+
+from .augment import student_augment
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss_fn, *, temperature: float,
+            epochs: int, batch_size: int, lr: float, weight_decay: float, augment: bool,
+            generator: torch.Generator, device: torch.device, log=None) -> list[float]:
+    """Train `student` to match `teacher_logits(x) -> [B, C]` on uint8 `images` [N, 3, H, W].
+
+    AdamW with a cosine schedule and one warm-up epoch; only parameters with requires_grad train.
+    `log(step, loss)` is called per epoch if given. Returns per-step losses.
+    """
+    student.to(device).train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    n = images.shape[0]
+    steps_per_epoch = max(1, n // batch_size)  # drop the last partial batch: BatchNorm needs > 1
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, steps_per_epoch))
+    losses = []
+    bar = tqdm(total=total, desc="distill", disable=None)
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for b in range(steps_per_epoch):
+            x = images[order[b * batch_size:(b + 1) * batch_size]].float().div(255)
+            if augment:
+                x = student_augment(x, generator)
+            x = x.to(device)
+            with torch.no_grad():
+                t = teacher_logits(x)
+            loss = loss_fn(student(x), t, temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.update(1)
+        bar.set_postfix(loss=f"{sum(losses[-steps_per_epoch:]) / steps_per_epoch:.4f}")
+        if log is not None:
+            log(epoch, sum(losses[-steps_per_epoch:]) / steps_per_epoch)
+    bar.close()
+    student.eval()
+    return losses
+
+
+@torch.no_grad()
+def predict(model_logits, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Argmax predictions [N] of `model_logits(x) -> [B, C]` over uint8 images [N, 3, H, W]."""
+    preds = []
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i:i + batch_size].float().div(255).to(device)
+        preds.append(model_logits(x).argmax(-1).cpu())
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)

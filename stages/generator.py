@@ -1,0 +1,45 @@
+"""Stage `generator`: materialise the VQGAN that synthesis decodes through.
+
+generator.source=embedded trains a small VQGAN built from taming-transformers modules on the
+world's train images (reconstruction + codebook losses only: nothing is downloaded);
+generator.source=taming loads an official taming config + checkpoint from local paths.
+Reports reconstruction PSNR on the world's test images.
+"""
+from pathlib import Path
+
+from clipdistill.data import load_captioned_split, load_domain_folder
+from clipdistill.params import load_params
+from clipdistill.runtime import atomic_dir, run_stage, seed_everything, setup_torch, stage_args, write_json
+from clipdistill.vqgan import VQGAN, VQGANConfig, load_taming_checkpoint, reconstruction_psnr, save_checkpoint, train_vqgan
+
+
+def main():
+    args = stage_args(__doc__, "world", "out")
+    p = load_params(args.params)
+    g = p.generator
+    device = setup_torch(p.device, p.threads)
+    seed_everything(p.seed)
+    size = p.world.image_size
+    if g.source == "embedded":
+        cfg = VQGANConfig(embed_dim=g.embed_dim, n_embed=g.n_embed, z_channels=g.embed_dim, resolution=size,
+                          ch=g.ch, ch_mult=tuple(g.ch_mult), num_res_blocks=g.num_res_blocks)
+        model = VQGAN(cfg).to(device)
+        images, _, _ = load_captioned_split(Path(args.world) / "train", size)
+        losses = train_vqgan(model, images.to(device), steps=g.steps, batch_size=g.batch_size, lr=g.lr, seed=p.seed)
+        summary = {"source": "embedded", "final_loss": sum(losses[-50:]) / len(losses[-50:])}
+    else:
+        model = load_taming_checkpoint(g.taming_config, g.taming_checkpoint).to(device)
+        cfg = model.cfg
+        summary = {"source": "taming", "config": g.taming_config, "checkpoint": g.taming_checkpoint}
+    test = load_domain_folder(Path(args.world) / "test", list(p.world.classes), size, p.world.eval_domains)
+    psnr = {dom: round(reconstruction_psnr(model, imgs.float().div(255).to(device)), 2) for dom, (imgs, _) in test.items()}
+    psnr["mean"] = round(sum(psnr.values()) / len(psnr), 2)
+    summary["psnr"] = psnr
+    with atomic_dir(args.out) as tmp:
+        save_checkpoint(model.cpu(), cfg, tmp / "vqgan.pt")
+        write_json(tmp / "metrics.json", summary)
+    print(f"generator: reconstruction PSNR {psnr} dB")
+
+
+if __name__ == "__main__":
+    run_stage(main)

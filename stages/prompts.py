@@ -1,0 +1,21 @@
+"""Stage `prompts`: class names -> prompts and their teacher text features (prompts.method)."""
+from clipdistill.clip_models import load_teacher
+from clipdistill.params import load_params
+from clipdistill.prompts import build_method, save_prompts
+from clipdistill.runtime import atomic_dir, run_stage, seed_everything, setup_torch, stage_args
+
+
+def main():
+    args = stage_args(__doc__, "teacher", "out")
+    p = load_params(args.params)
+    device = setup_torch(p.device, p.threads)
+    gen = seed_everything(p.seed)
+    teacher = load_teacher(args.teacher, device)
+    prompts = build_method(p.prompts).generate(teacher, p.world.classes, p.prompts.per_class, gen)
+    with atomic_dir(args.out) as tmp:
+        save_prompts(prompts, tmp)
+    print(f"prompts: {len(prompts.texts)} {prompts.method} prompts for {len(p.world.classes)} classes")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,91 @@
+"""Stage `synthesize`: VQGAN-CLIP images for every prompt, batched, sharded and resumable.
+
+Writes <out>/shards/shard_*.pt, <out>/index.csv (shard, row, prompt_id, class, label, prompt,
+seed, teacher_confidence) and <out>/preview.png. Killing it and rerunning keeps finished shards.
+"""
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from clipdistill.clip_models import load_teacher
+from clipdistill.params import load_params
+from clipdistill.prompts import load_prompts
+from clipdistill.runtime import atomic_dir, run_stage, setup_torch, stage_args
+from clipdistill.shards import finalize, load_shard, preview_grid, save_shard, shard_name, shard_ranges, work_key
+from clipdistill.synthesis import synthesize_batch
+from clipdistill.text import load_class_vectors
+from clipdistill.vqgan import load_checkpoint as load_vqgan
+
+
+def image_seed(seed: int, prompt_id: int) -> int:
+    """Each image's latent init depends only on (seed, prompt id), not on batching or ranks."""
+    return seed * 1_000_003 + prompt_id
+
+
+def main():
+    args = stage_args(__doc__, "prompts", "generator", "teacher", "text_features", "out")
+    p = load_params(args.params)
+    s = p.synthesize
+    device = setup_torch(p.device, p.threads)
+    table, targets = load_prompts(args.prompts)
+    teacher = load_teacher(args.teacher, device)
+    vqgan = load_vqgan(Path(args.generator) / "vqgan.pt").to(device).eval().requires_grad_(False)
+    cv = load_class_vectors(args.text_features)
+    class_vectors = cv["features"].to(device)
+    targets = targets.to(device)
+    f = vqgan.downsample_factor
+    latent_hw = (p.world.image_size // f, p.world.image_size // f)
+
+    out = Path(args.out)
+    key = work_key({"synthesize": vars(s), "seed": p.seed, "image_size": p.world.image_size},
+                   [Path(args.prompts) / "features.pt", Path(args.generator) / "vqgan.pt",
+                    Path(args.teacher) / "teacher.pt"])
+    work = out.with_name(f".{out.name}.work") / key
+    work.mkdir(parents=True, exist_ok=True)
+    ranges = shard_ranges(len(table), s.shard_size)
+    todo = [i for i in range(len(ranges)) if load_shard(work / shard_name(i)) is None]
+    print(f"synthesize: {len(ranges)} shards, {len(ranges) - len(todo)} already done (work key {key})")
+    bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in todo), desc="synthesize", unit="img", disable=None)
+    for i in todo:
+        start, end = ranges[i]
+        images, conf = [], []
+        for b0 in range(start, end, s.batch_size):
+            ids = list(range(b0, min(b0 + s.batch_size, end)))
+            inits = [torch.Generator().manual_seed(image_seed(p.seed, j)) for j in ids]
+            step_gen = torch.Generator().manual_seed(image_seed(p.seed, b0) ^ 0x5EED)
+            x = synthesize_batch(vqgan, teacher, targets[ids], steps=s.steps, lr=s.lr, cutn=s.cutn,
+                                 cut_pow=s.cut_pow, min_cut=s.min_cut, augment=s.augment,
+                                 latent_hw=latent_hw, init_generators=inits, generator=step_gen)
+            with torch.no_grad():
+                probs = teacher.logits(x, class_vectors).softmax(-1)
+            labels = torch.tensor(table["label"].iloc[ids].to_numpy(), device=device)
+            conf.append(probs.gather(1, labels[:, None]).squeeze(1).cpu())
+            images.append(x.mul(255).round().to(torch.uint8).cpu())
+            bar.update(len(ids))
+        save_shard(work / shard_name(i), torch.cat(images), prompt_ids=torch.arange(start, end),
+                   seeds=torch.tensor([image_seed(p.seed, j) for j in range(start, end)]),
+                   confidence=torch.cat(conf))
+    bar.close()
+
+    rows, all_images = [], []
+    for i, (start, end) in enumerate(ranges):
+        shard = load_shard(work / shard_name(i))
+        all_images.append(shard["images"])
+        for r, pid in enumerate(shard["prompt_ids"].tolist()):
+            rows.append({"shard": shard_name(i), "row": r, "prompt_id": pid, "class": table["class"][pid],
+                         "label": int(table["label"][pid]), "prompt": table["text"][pid],
+                         "description": table["description"][pid], "seed": int(shard["seeds"][r]),
+                         "teacher_confidence": round(float(shard["confidence"][r]), 6)})
+    index = pd.DataFrame(rows)
+    with atomic_dir(out) as tmp:
+        index.to_csv(tmp / "index.csv", index=False)
+        preview_grid(torch.cat(all_images), index["label"].tolist(), len(p.world.classes)).save(tmp / "preview.png")
+        finalize(work, tmp, [shard_name(i) for i in range(len(ranges))])
+    work.parent.rmdir() if not any(work.parent.iterdir()) else None
+    print(f"synthesize: {len(index)} images; mean teacher confidence {index['teacher_confidence'].mean():.3f}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,27 @@
+"""Stage `text_features`: the teacher's class vectors, computed once (PromptKD's pre-storage).
+
+Each class vector is the normalised mean of the teacher's text features over the template
+ensemble; teacher and student both classify against exactly these stored vectors.
+"""
+import torch
+
+from clipdistill.clip_models import load_teacher
+from clipdistill.params import load_params
+from clipdistill.runtime import atomic_dir, run_stage, setup_torch, stage_args
+from clipdistill.text import class_vectors
+
+
+def main():
+    args = stage_args(__doc__, "teacher", "out")
+    p = load_params(args.params)
+    device = setup_torch(p.device, p.threads)
+    teacher = load_teacher(args.teacher, device)
+    feats = class_vectors(teacher, p.world.classes, p.text_features.templates)
+    with atomic_dir(args.out) as tmp:
+        torch.save({"classes": list(p.world.classes), "templates": list(p.text_features.templates),
+                    "features": feats.cpu(), "logit_scale": teacher.logit_scale}, tmp / "class_vectors.pt")
+    print(f"text_features: {feats.shape[0]} classes x {feats.shape[1]} dims")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,56 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clipdistill.params import ParamsError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def raw():
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_repo_params_are_valid():
+    p = load_params(ROOT / "params.yaml")
+    assert p.world.classes[0] == "circle"
+    assert isinstance(p.synthesize.lr, float)
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda r: r["distill"].update(temprature=2), "distill.temprature"),
+    (lambda r: r.update(bogus=1), "'bogus'"),
+    (lambda r: r["world"].update(classes=[]), "world.classes"),
+    (lambda r: r["distill"].update(epochs="ten"), "distill.epochs"),
+    (lambda r: r["distill"].update(epochs=2.5), "distill.epochs"),
+    (lambda r: r["synthesize"].update(augment="yes"), "synthesize.augment"),
+    (lambda r: r["world"].update(classes="circle"), "world.classes"),
+    (lambda r: r["prompts"].update(method="fancy"), "prompts.method"),
+    (lambda r: r["distill"].update(batch_size=0), "distill.batch_size"),
+    (lambda r: r["text_features"].update(templates=["no slot"]), "text_features.templates[0]"),
+    (lambda r: r["eval"].update(datasets=[{"name": "x"}]), "eval.datasets[0].path"),
+    (lambda r: r["teacher"].update(source="open_clip", pretrained=""), "teacher.pretrained"),
+])
+def test_bad_params_fail_with_one_line_naming_the_key(mutate, needle):
+    r = raw()
+    mutate(r)
+    with pytest.raises(ParamsError) as err:
+        parse_params(r)
+    msg = str(err.value)
+    assert needle in msg
+    assert "\n" not in msg
+
+
+def test_numbers_coerce_and_lists_are_typed():
+    r = raw()
+    r["distill"]["temperature"] = 2  # an int where a float is expected is fine
+    r["eval"]["datasets"] = [{"name": "pacs", "path": "/data/pacs"}]
+    p = parse_params(r)
+    assert p.distill.temperature == 2.0 and isinstance(p.distill.temperature, float)
+    assert p.eval.datasets[0].path == "/data/pacs"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")

@@ -23,17 +23,51 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+class ConvImageTower(nn.Module):
+    """A small VGG-style image tower for the embedded teacher: 4 conv stages (3x3 conv, BN, ReLU,
+    2x2 pool) at width w, 2w, 4w, 4w, global average pool, linear to the embedding.
+
+    A ViT trained from scratch on a few thousand 32 px images learns shape far too slowly for a
+    CPU budget of minutes; a conv tower learns it in a few epochs. open_clip's CLIP calls
+    `self.visual(images)`, so this slots in for its ViT with nothing else changed.
+    [B, 3, S, S] (normalised) -> [B, embed_dim].
+    """
+
+    def __init__(self, embed_dim: int, width: int, image_size: int):
+        super().__init__()
+        self.image_size = image_size
+        chans = [3, width, 2 * width, 4 * width, 4 * width]
+        layers = []
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]
+        self.features = nn.Sequential(*layers)
+        self.proj = nn.Linear(chans[-1], embed_dim)
+
+    def forward(self, x):
+        return self.proj(self.features(x).mean(dim=(2, 3)))
+
+
+def build_clip(config: dict) -> open_clip.CLIP:
+    """open_clip.CLIP from a config; `conv_width` in vision_cfg swaps in the ConvImageTower."""
+    config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+    conv_width = config["vision_cfg"].pop("conv_width", None)
+    model = open_clip.CLIP(**config)
+    if conv_width:
+        model.visual = ConvImageTower(config["embed_dim"], conv_width, config["vision_cfg"]["image_size"])
+    return model
+
+
 def embedded_clip_config(p, image_size: int) -> dict:
     """open_clip.CLIP kwargs for the small embedded teacher, from `teacher.*` params."""
+    vision_cfg = {"image_size": image_size, "layers": p.vision_layers, "width": p.vision_width,
+                  "head_width": p.vision_width // p.vision_heads, "patch_size": p.patch_size}
+    if p.vision == "convnet":
+        vision_cfg = {"image_size": image_size, "layers": 1, "width": 64, "patch_size": image_size,
+                      "conv_width": p.vision_width}
     return {
         "embed_dim": p.embed_dim,
-        "vision_cfg": {
-            "image_size": image_size,
-            "layers": p.vision_layers,
-            "width": p.vision_width,
-            "head_width": p.vision_width // p.vision_heads,
-            "patch_size": p.patch_size,
-        },
+        "vision_cfg": vision_cfg,
         "text_cfg": {
             "context_length": p.context_length,
             "vocab_size": 49408,
@@ -68,7 +102,7 @@ class ClipTeacher(nn.Module):
     @property
     def logit_scale(self) -> float:
         """The model's own scale: 100 for pretrained CLIP (ALGORITHMS.md 1), learned for the embedded one."""
-        return float(self.model.logit_scale.exp().clamp(max=100))
+        return float(self.model.logit_scale.detach().exp().clamp(max=100))
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self._tokenizer(texts).to(self.mean.device)
@@ -95,7 +129,7 @@ class ClipTeacher(nn.Module):
 
 def build_embedded_teacher(p, image_size: int) -> ClipTeacher:
     cfg = embedded_clip_config(p, image_size)
-    model = open_clip.CLIP(**cfg)
+    model = build_clip(cfg)
     return ClipTeacher(model, image_size, p.context_length, {"kind": "embedded", "config": cfg})
 
 
@@ -141,7 +175,7 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> ClipTe
     except Exception as exc:  # any unreadable file is one error to the user
         raise PipelineError(f"teacher checkpoint {path} is unreadable: {type(exc).__name__}") from None
     if spec["kind"] == "embedded":
-        model = open_clip.CLIP(**spec["config"])
+        model = build_clip(spec["config"])
         model.load_state_dict(blob["state_dict"])
         teacher = ClipTeacher(model, blob["image_size"], blob["context_length"], spec)
     else:
@@ -196,7 +230,9 @@ def train_teacher(teacher: ClipTeacher, images: torch.Tensor, captions: list[str
             x = flip_translate(images[idx].float().div(255), generator).to(device)
             tok = tokens[idx].to(device)
             img_f = F.normalize(teacher.model.encode_image(teacher.preprocess(x)), dim=-1)
-            txt_f = F.normalize(teacher.model.encode_text(tok), dim=-1)
+            # Encode each distinct caption once: batches repeat captions, and the text tower dominates cost.
+            uniq, inverse = torch.unique(tok, dim=0, return_inverse=True)
+            txt_f = F.normalize(teacher.model.encode_text(uniq), dim=-1)[inverse]
             loss = multi_positive_clip_loss(img_f, txt_f, tok, teacher.model.logit_scale.exp())
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -32,6 +32,7 @@ class TeacherParams:
     source: str = "embedded"
     open_clip_model: str = "ViT-B-32"
     pretrained: str = ""
+    vision: str = "convnet"
     embed_dim: int = 64
     vision_width: int = 128
     vision_layers: int = 4
@@ -132,6 +133,7 @@ class Params:
 CHOICES = {
     "device": ("cpu", "cuda", "auto"),
     "teacher.source": ("embedded", "open_clip"),
+    "teacher.vision": ("convnet", "vit"),
     "generator.source": ("embedded", "taming"),
     "prompts.method": ("vanilla",),
     "distill.student": ("cnn",),

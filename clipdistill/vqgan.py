@@ -13,6 +13,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -196,6 +197,7 @@ def train_vqgan(
     seed: int,
     progress: bool = True,
     restart_every: int = 100,
+    callback: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train ``model`` in place to reconstruct ``images``; returns the total loss of every step.
 
@@ -242,9 +244,6 @@ def train_vqgan(
                 x = x.to(device, non_blocking=True)
 
                 z = model.encode_continuous(x)
-                if step % restart_every == 0:
-                    _restart_dead_codes(quantizer, opt, usage, z.detach(), gen)
-                    usage.zero_()
                 zq, qloss, codes = model.vector_quantize(z)
                 rec = model.decode(zq)
                 loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + qloss
@@ -252,7 +251,14 @@ def train_vqgan(
                 loss.backward()
                 opt.step()
                 usage += torch.bincount(codes.flatten(), minlength=quantizer.n_embed)
+                # counting the current batch first means a restart never wipes codes that are in use, so
+                # step 0 acts as a data-dependent init for a fresh model and is harmless for a trained one
+                if step % restart_every == 0:
+                    _restart_dead_codes(quantizer, opt, usage, z.detach(), gen)
+                    usage.zero_()
                 losses.append(float(loss.detach()))
+                if callback is not None:
+                    callback(step, losses[-1])
     finally:
         model.train(was_training)
     return losses

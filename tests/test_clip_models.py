@@ -1,0 +1,55 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipdistill.clip_models import build_embedded_teacher, load_teacher, multi_positive_clip_loss, save_teacher
+from clipdistill.params import TeacherParams
+from clipdistill.runtime import PipelineError
+
+
+def tiny(vision="convnet"):
+    return TeacherParams(vision=vision, embed_dim=16, vision_width=8 if vision == "convnet" else 32, vision_layers=1,
+                         vision_heads=1, patch_size=8, text_width=32, text_layers=1, text_heads=1, context_length=16)
+
+
+@pytest.mark.parametrize("vision", ["convnet", "vit"])
+def test_teacher_round_trip_gives_identical_features(tmp_path, vision):
+    torch.manual_seed(0)
+    t = build_embedded_teacher(tiny(vision), 16).eval()
+    save_teacher(t, tmp_path / "teacher.pt")
+    t2 = load_teacher(tmp_path)
+    x = torch.rand(3, 3, 16, 16)
+    assert torch.equal(t.encode_image(x), t2.encode_image(x))
+    assert torch.equal(t.encode_text(["a photo of a star"]), t2.encode_text(["a photo of a star"]))
+    assert not any(p.requires_grad for p in t2.parameters())
+    # inputs of another size are resized to the teacher's
+    assert t2.encode_image(torch.rand(2, 3, 40, 40)).shape == (2, 16)
+
+
+def test_bad_teacher_checkpoint(tmp_path):
+    with pytest.raises(PipelineError, match="not found"):
+        load_teacher(tmp_path / "missing.pt")
+    (tmp_path / "teacher.pt").write_bytes(b"garbage")
+    with pytest.raises(PipelineError, match="unreadable"):
+        load_teacher(tmp_path / "teacher.pt")
+
+
+def test_multi_positive_loss_equals_clip_loss_when_captions_are_distinct(gen):
+    img = F.normalize(torch.randn(6, 8, generator=gen), dim=-1)
+    txt = F.normalize(torch.randn(6, 8, generator=gen), dim=-1)
+    tokens = torch.arange(6)[:, None].repeat(1, 4)
+    scale = torch.tensor(10.0)
+    logits = scale * img @ txt.t()
+    clip = 0.5 * (F.cross_entropy(logits, torch.arange(6)) + F.cross_entropy(logits.t(), torch.arange(6)))
+    assert multi_positive_clip_loss(img, txt, tokens, scale).item() == pytest.approx(clip.item(), rel=1e-5)
+
+
+def test_multi_positive_loss_does_not_punish_identical_captions(gen):
+    img = F.normalize(torch.randn(4, 8, generator=gen), dim=-1)
+    txt = img.clone()
+    txt[1] = txt[0]  # two images share a caption: both should be matched to it without penalty
+    img[1] = img[0]
+    tokens = torch.tensor([[1, 1], [1, 1], [2, 2], [3, 3]])
+    low = multi_positive_clip_loss(img, txt, tokens, torch.tensor(100.0))
+    plain = multi_positive_clip_loss(img, txt, torch.arange(4)[:, None].repeat(1, 2), torch.tensor(100.0))
+    assert low.item() < plain.item()

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipdistill.data import load_domain_folder
+from clipdistill.runtime import PipelineError, atomic_dir
+from clipdistill.shards import load_shard, save_shard, shard_ranges, work_key
+
+
+def make_folder(root, domains=("photo",), classes=("circle", "star"), n=2):
+    for d in domains:
+        for c in classes:
+            (root / d / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((20, 20, 3), i * 40, np.uint8)).save(root / d / c / f"{i}.png")
+
+
+def test_domain_folder_loads_labels_by_class_name(tmp_path):
+    make_folder(tmp_path, domains=("photo", "sketch"), classes=("star", "circle"))
+    data = load_domain_folder(tmp_path, ["circle", "star", "heart"], 16)
+    images, labels = data["photo"]
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
+    assert sorted(labels.tolist()) == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("problem, needle", [
+    ("missing", "image folder not found"),
+    ("corrupt", "corrupt or unreadable image"),
+    ("empty", "no images found"),
+    ("foreign_class", "is not in world.classes"),
+])
+def test_bad_folders_fail_naming_the_path(tmp_path, problem, needle):
+    root = tmp_path / "data"
+    if problem != "missing":
+        make_folder(root)
+    if problem == "corrupt":
+        (root / "photo" / "star" / "bad.png").write_bytes(b"nope")
+    if problem == "empty":
+        for f in root.rglob("*.png"):
+            f.unlink()
+    if problem == "foreign_class":
+        (root / "photo" / "dog").mkdir()
+    with pytest.raises(PipelineError, match=needle) as err:
+        load_domain_folder(root, ["circle", "star"], 16)
+    assert "\n" not in str(err.value)
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "half.txt").write_text("x")
+            raise RuntimeError("interrupted")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    with atomic_dir(out) as tmp:
+        (tmp / "done.txt").write_text("x")
+    assert (out / "done.txt").is_file()
+
+
+def test_shards_round_trip_and_corrupt_shard_is_redone(tmp_path):
+    save_shard(tmp_path / "s.pt", torch.zeros(2, 3, 4, 4, dtype=torch.uint8), prompt_ids=torch.arange(2))
+    assert load_shard(tmp_path / "s.pt")["prompt_ids"].tolist() == [0, 1]
+    (tmp_path / "t.pt").write_bytes(b"truncated")
+    assert load_shard(tmp_path / "t.pt") is None and load_shard(tmp_path / "absent.pt") is None
+    assert shard_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_work_key_changes_with_config_and_file_content(tmp_path):
+    f = tmp_path / "f"
+    f.write_text("a")
+    k = work_key({"steps": 1}, [f])
+    assert k == work_key({"steps": 1}, [f])
+    assert k != work_key({"steps": 2}, [f])
+    f.write_text("b")
+    assert k != work_key({"steps": 1}, [f])

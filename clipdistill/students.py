@@ -110,6 +110,6 @@ def load_student(path, device="cpu") -> CnnStudent:
         model = CnnStudent(blob["class_vectors"], blob["logit_scale"], head=blob["head"], width=blob["width"],
                            depth=blob["depth"])
         model.load_state_dict(blob["state_dict"])
-    except (KeyError, RuntimeError, EOFError, OSError) as exc:
+    except Exception as exc:  # any unreadable or mismatched file is one error to the user
         raise PipelineError(f"student checkpoint {path} is unreadable or incompatible: {type(exc).__name__}") from None
     return model.to(device).eval()

@@ -19,8 +19,9 @@ def test_teacher_round_trip_gives_identical_features(tmp_path, vision):
     save_teacher(t, tmp_path / "teacher.pt")
     t2 = load_teacher(tmp_path)
     x = torch.rand(3, 3, 16, 16)
-    assert torch.equal(t.encode_image(x), t2.encode_image(x))
-    assert torch.equal(t.encode_text(["a photo of a star"]), t2.encode_text(["a photo of a star"]))
+    t.requires_grad_(False)  # attention takes another (fused) kernel path when nothing needs grad
+    assert torch.allclose(t.encode_image(x), t2.encode_image(x), atol=1e-6)
+    assert torch.allclose(t.encode_text(["a photo of a star"]), t2.encode_text(["a photo of a star"]), atol=1e-6)
     assert not any(p.requires_grad for p in t2.parameters())
     # inputs of another size are resized to the teacher's
     assert t2.encode_image(torch.rand(2, 3, 40, 40)).shape == (2, 16)
@@ -44,12 +45,12 @@ def test_multi_positive_loss_equals_clip_loss_when_captions_are_distinct(gen):
     assert multi_positive_clip_loss(img, txt, tokens, scale).item() == pytest.approx(clip.item(), rel=1e-5)
 
 
-def test_multi_positive_loss_does_not_punish_identical_captions(gen):
-    img = F.normalize(torch.randn(4, 8, generator=gen), dim=-1)
-    txt = img.clone()
-    txt[1] = txt[0]  # two images share a caption: both should be matched to it without penalty
-    img[1] = img[0]
-    tokens = torch.tensor([[1, 1], [1, 1], [2, 2], [3, 3]])
-    low = multi_positive_clip_loss(img, txt, tokens, torch.tensor(100.0))
-    plain = multi_positive_clip_loss(img, txt, torch.arange(4)[:, None].repeat(1, 2), torch.tensor(100.0))
-    assert low.item() < plain.item()
+def test_multi_positive_loss_hand_formula_with_duplicate_captions(gen):
+    """Identical captions share the target mass: rows/cols of a duplicate pair target [.5, .5]."""
+    img = F.normalize(torch.randn(3, 8, generator=gen), dim=-1)
+    txt = F.normalize(torch.randn(3, 8, generator=gen), dim=-1)
+    tokens = torch.tensor([[5, 6], [5, 6], [7, 8]])
+    targets = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    logits = 10.0 * img @ txt.t()
+    hand = 0.5 * (-(targets * logits.log_softmax(1)).sum(1).mean() - (targets * logits.t().log_softmax(1)).sum(1).mean())
+    assert multi_positive_clip_loss(img, txt, tokens, torch.tensor(10.0)).item() == pytest.approx(hand.item(), rel=1e-5)

@@ -97,7 +97,8 @@ class _VectorQuantizer(nn.Module):
         zq = F.embedding(idx, weight).view(b, h, w, d).permute(0, 3, 1, 2)
         # codebook term moves codes towards encoder outputs; beta-weighted commitment keeps the encoder close.
         loss = F.mse_loss(zq, z.detach()) + self.beta * F.mse_loss(z, zq.detach())
-        zq = z + (zq - z).detach()
+        if z.requires_grad:  # otherwise keep z_q bit-exact codebook rows (z + (zq - z) rounds)
+            zq = z + (zq - z).detach()
         return zq.contiguous(), loss, idx.view(b, h, w)
 
 

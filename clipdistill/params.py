@@ -64,10 +64,37 @@ class GeneratorParams:
 
 
 @dataclass(frozen=True)
+class MixPromptParams:
+    styles_file: str = ""          # empty = the shipped clipdistill/assets/styles.txt
+    k: int = 2                     # styles mixed per prompt
+    dirichlet_alpha: float = 1.0   # k = 2, alpha = 1: weight lambda ~ U(0, 1)
+
+
+@dataclass(frozen=True)
+class RandomPromptParams:
+    scale: float = 1.0             # multiplies the fitted per-dimension std
+
+
+@dataclass(frozen=True)
+class ContrastivePromptParams:
+    steps: int = 60                # Adam steps per batch of prompts
+    lr: float = 0.001              # token embeddings have std ~0.02: larger steps leave their range
+    temperature: float = 0.1
+    bank_size: int = 256           # FIFO memory bank of earlier prompts' features (0 = none)
+    content_weight: float = 2.0    # weight of 1 - cos(prompt, class content) against InfoNCE
+    batch_size: int = 64
+    content_template: str = "{}"   # the class content prompt the styled prompt must stay near
+
+
+@dataclass(frozen=True)
 class PromptsParams:
     method: str = "vanilla"
     per_class: int = 120
     template: str = "a photo of a {}"
+    style_template: str = "a {style} style of a {class}"
+    mix: MixPromptParams = field(default_factory=MixPromptParams)
+    random: RandomPromptParams = field(default_factory=RandomPromptParams)
+    contrastive: ContrastivePromptParams = field(default_factory=ContrastivePromptParams)
 
 
 @dataclass(frozen=True)
@@ -135,7 +162,7 @@ CHOICES = {
     "teacher.source": ("embedded", "open_clip"),
     "teacher.vision": ("convnet", "vit"),
     "generator.source": ("embedded", "taming"),
-    "prompts.method": ("vanilla",),
+    "prompts.method": ("vanilla", "mix", "random", "contrastive"),
     "distill.student": ("cnn",),
     "distill.head": ("projection", "linear"),
     "distill.loss": ("kl", "reverse_kl", "symmetric_kl"),
@@ -144,10 +171,13 @@ POSITIVE = {
     "world.image_size", "world.train_per_class_style", "world.test_per_class_domain",
     "teacher.embed_dim", "teacher.epochs", "teacher.batch_size", "teacher.context_length",
     "generator.steps", "generator.batch_size", "generator.n_embed", "generator.embed_dim",
-    "prompts.per_class", "synthesize.batch_size", "synthesize.shard_size", "synthesize.steps",
+    "prompts.per_class", "prompts.mix.k", "prompts.mix.dirichlet_alpha", "prompts.random.scale",
+    "prompts.contrastive.steps", "prompts.contrastive.lr", "prompts.contrastive.temperature",
+    "prompts.contrastive.batch_size", "synthesize.batch_size", "synthesize.shard_size", "synthesize.steps",
     "synthesize.cutn", "distill.epochs", "distill.batch_size", "distill.width", "distill.depth",
     "distill.temperature", "eval.batch_size",
 }
+NON_NEGATIVE = {"prompts.contrastive.bank_size", "prompts.contrastive.content_weight"}
 NON_EMPTY = {"world.classes", "world.eval_domains", "world.train_styles", "text_features.templates"}
 
 
@@ -219,6 +249,9 @@ def _check_values(p: Params) -> None:
     for key in POSITIVE:
         if get(key) <= 0:
             raise ParamsError(f"params key '{key}' must be > 0, got {get(key)!r}")
+    for key in NON_NEGATIVE:
+        if get(key) < 0:
+            raise ParamsError(f"params key '{key}' must be >= 0, got {get(key)!r}")
     for key in NON_EMPTY:
         if not get(key):
             raise ParamsError(f"params key '{key}' is empty; list at least one entry")
@@ -229,9 +262,12 @@ def _check_values(p: Params) -> None:
     missing = [d for d in p.world.eval_domains if d not in p.world.train_styles]
     if p.teacher.source == "embedded" and missing:
         raise ParamsError(f"params key 'world.train_styles' lacks evaluated domain(s) {', '.join(missing)}")
-    for key in ("prompts.template",):
+    for key in ("prompts.template", "prompts.contrastive.content_template"):
         if "{}" not in get(key):
             raise ParamsError(f"params key '{key}' must contain '{{}}' where the class name goes")
+    for slot in ("{style}", "{class}"):
+        if p.prompts.style_template.count(slot) != 1:
+            raise ParamsError(f"params key 'prompts.style_template' must contain {slot} exactly once")
     for i, t in enumerate(p.text_features.templates):
         if "{}" not in t:
             raise ParamsError(f"params key 'text_features.templates[{i}]' must contain '{{}}'")

@@ -1,8 +1,9 @@
 """Stage `prompts`: class names -> prompts and their teacher text features (prompts.method)."""
 from clipdistill.clip_models import load_teacher
+from clipdistill.diversity import diversity_report
 from clipdistill.params import load_params
 from clipdistill.prompts import build_method, save_prompts
-from clipdistill.runtime import atomic_dir, run_stage, seed_everything, setup_torch, stage_args
+from clipdistill.runtime import atomic_dir, run_stage, seed_everything, setup_torch, stage_args, write_json
 
 
 def main():
@@ -10,11 +11,15 @@ def main():
     p = load_params(args.params)
     device = setup_torch(p.device, p.threads)
     gen = seed_everything(p.seed)
+    method = build_method(p.prompts)  # before loading the teacher: a bad style dictionary fails first
     teacher = load_teacher(args.teacher, device)
-    prompts = build_method(p.prompts).generate(teacher, p.world.classes, p.prompts.per_class, gen)
+    prompts = method.generate(teacher, p.world.classes, p.prompts.per_class, gen)
+    diversity = diversity_report(prompts.features, prompts.labels, p.world.classes)
     with atomic_dir(args.out) as tmp:
         save_prompts(prompts, tmp)
-    print(f"prompts: {len(prompts.texts)} {prompts.method} prompts for {len(p.world.classes)} classes")
+        write_json(tmp / "metrics.json", {"prompt_diversity": diversity})
+    print(f"prompts: {len(prompts.texts)} {prompts.method} prompts for {len(p.world.classes)} classes, "
+          f"mean pairwise cosine distance {diversity['mean']:.4f}")
 
 
 if __name__ == "__main__":

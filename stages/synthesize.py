@@ -10,9 +10,10 @@ import torch
 from tqdm import tqdm
 
 from clipdistill.clip_models import load_teacher
+from clipdistill.diversity import diversity_report
 from clipdistill.params import load_params
 from clipdistill.prompts import load_prompts
-from clipdistill.runtime import atomic_dir, run_stage, setup_torch, stage_args
+from clipdistill.runtime import atomic_dir, run_stage, setup_torch, stage_args, write_json
 from clipdistill.shards import finalize, load_shard, preview_grid, save_shard, shard_name, shard_ranges, work_key
 from clipdistill.synthesis import synthesize_batch
 from clipdistill.text import load_class_vectors
@@ -79,12 +80,22 @@ def main():
                          "description": table["description"][pid], "seed": int(shard["seeds"][r]),
                          "teacher_confidence": round(float(shard["confidence"][r]), 6)})
     index = pd.DataFrame(rows)
+    images = torch.cat(all_images)
+    # Xuan et al.'s diversity, measured: per class, mean pairwise cosine distance of the images'
+    # teacher features (the prompts stage reports the same for the prompts' text features).
+    with torch.no_grad():
+        feats = torch.cat([teacher.encode_image(images[i:i + 256].float().div(255).to(device)).cpu()
+                           for i in range(0, len(images), 256)])
+    metrics = {"image_diversity": diversity_report(feats, index["label"].tolist(), list(p.world.classes)),
+               "teacher_confidence": round(float(index["teacher_confidence"].mean()), 4)}
     with atomic_dir(out) as tmp:
         index.to_csv(tmp / "index.csv", index=False)
-        preview_grid(torch.cat(all_images), index["label"].tolist(), len(p.world.classes)).save(tmp / "preview.png")
+        write_json(tmp / "metrics.json", metrics)
+        preview_grid(images, index["label"].tolist(), len(p.world.classes)).save(tmp / "preview.png")
         finalize(work, tmp, [shard_name(i) for i in range(len(ranges))])
     work.parent.rmdir() if not any(work.parent.iterdir()) else None
-    print(f"synthesize: {len(index)} images; mean teacher confidence {index['teacher_confidence'].mean():.3f}")
+    print(f"synthesize: {len(index)} images; mean teacher confidence {metrics['teacher_confidence']:.3f}, "
+          f"image diversity {metrics['image_diversity']['mean']:.4f}")
 
 
 if __name__ == "__main__":

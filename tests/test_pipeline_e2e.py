@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from clipdistill import report
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["world", "teacher", "generator", "prompts", "text_features", "synthesize", "distill", "evaluate"]
 
@@ -83,8 +85,16 @@ def test_exp_run_with_set_param(project):
     run(["git", "commit", "-qm", "locked"], dst, check=False)
     out = run(["dvc", "exp", "run", "-S", "distill.temperature=2"], dst)
     assert "distill" in out.stdout + out.stderr
+    run(["dvc", "exp", "run", "-n", "contrastive", "-S", "prompts.method=contrastive"], dst)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], dst).stdout)
-    assert "temperature" in json.dumps(shown)
+    rows = {r["name"]: r for r in report.experiments(shown)}
+    assert rows["contrastive"]["params"]["prompts"]["method"] == "contrastive"
+    assert any(r["params"]["distill"]["temperature"] == 2 for r in rows.values())
+    md = report.table(list(rows.values()))
+    line = next(ln for ln in md.splitlines() if "| contrastive |" in ln)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert len(cells) == 2 + 2 + 4  # method, name, 2 domains, mean, worst, prompt and image diversity
+    assert float(cells[-2]) > 0  # contrastive prompts differ; vanilla's are identical (0)
 
 
 def test_bad_param_fails_with_one_line_and_writes_nothing(project):

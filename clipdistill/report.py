@@ -1,0 +1,89 @@
+"""Turn `dvc exp show --json` into a markdown table of experiments.
+
+    dvc exp show --json | python -m clipdistill.report            # one row per experiment
+    dvc exp show --json | python -m clipdistill.report --by prompts.method
+
+Columns: the swept param (`--by`), student accuracy per evaluation domain, mean, worst domain,
+prompt diversity and image diversity (mean pairwise cosine distance of the prompts' text features
+and of the synthesized images' teacher features). Works with DVC 3's JSON layout: a list of
+commits, each with `data` (params, metrics) and `experiments` whose `revs` hold the same.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+METRICS = "artifacts/eval/metrics.json"
+PROMPT_METRICS = "artifacts/prompts/metrics.json"
+SYNTH_METRICS = "artifacts/synth/metrics.json"
+
+
+def _files(block: dict | None) -> dict:
+    """{file: its data} from a DVC params/metrics block ({file: {"data": {...}}})."""
+    return {name: (entry or {}).get("data") or {} for name, entry in (block or {}).items()}
+
+
+def _get(tree: dict, dotted: str):
+    for key in dotted.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def experiments(show: list) -> list[dict]:
+    """Flatten `dvc exp show --json` into [{name, rev, params, metrics}] for every experiment
+    (and baseline commit) that has evaluation metrics."""
+    rows = []
+
+    def add(entry: dict, name: str | None):
+        data = entry.get("data") or {}
+        metrics = _files(data.get("metrics"))
+        if METRICS not in metrics or not metrics[METRICS]:
+            return
+        params = _files(data.get("params")).get("params.yaml", {})
+        rows.append({"name": name or entry.get("name") or data.get("rev", "")[:7] or entry.get("rev", ""),
+                     "rev": data.get("rev", entry.get("rev")), "params": params, "metrics": metrics})
+
+    for commit in show:
+        add(commit, commit.get("name") or commit.get("rev"))
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                add(rev, rev.get("name") or exp.get("name"))
+    return rows
+
+
+def table(rows: list[dict], by: str = "prompts.method") -> str:
+    """Markdown: one line per experiment, domains in the order metrics.json lists them."""
+    if not rows:
+        raise ValueError(f"no experiment has {METRICS}; run `dvc exp run` first")
+    domains = [d for d in rows[0]["metrics"][METRICS]["student"] if d != "mean"]
+    head = [by, "experiment", *domains, "mean", "worst", "prompt div.", "image div."]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        student = r["metrics"][METRICS]["student"]
+        accs = [student.get(d) for d in domains]
+        prompt_div = _get(r["metrics"].get(PROMPT_METRICS, {}), "prompt_diversity.mean")
+        image_div = _get(r["metrics"].get(SYNTH_METRICS, {}), "image_diversity.mean")
+        cells = [str(_get(r["params"], by)), r["name"], *(f"{a:.3f}" for a in accs), f"{student['mean']:.3f}",
+                 f"{min(accs):.3f}", *("-" if v is None else f"{v:.3f}" for v in (prompt_div, image_div))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", nargs="?", help="file with `dvc exp show --json` output (default: stdin)")
+    ap.add_argument("--by", default="prompts.method", help="dotted params key shown first")
+    args = ap.parse_args(argv)
+    text = open(args.json).read() if args.json else sys.stdin.read()
+    try:
+        rows = experiments(json.loads(text))
+        print(table(rows, args.by))
+    except (ValueError, KeyError) as exc:
+        sys.exit(f"error: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""`dvc exp show --json` -> markdown table (clipdistill.report)."""
+import json
+
+import pytest
+
+from clipdistill import report
+
+
+def rev(name, method, student, prompt_div=None, image_div=None, eval_error=False):
+    metrics = {report.METRICS: ({"error": {"type": "FileNotFoundError", "msg": "no"}} if eval_error else
+                                {"data": {"teacher": {}, "student": student}})}
+    if prompt_div is not None:
+        metrics[report.PROMPT_METRICS] = {"data": {"prompt_diversity": {"mean": prompt_div}}}
+    if image_div is not None:
+        metrics[report.SYNTH_METRICS] = {"data": {"image_diversity": {"mean": image_div}}}
+    return {"rev": f"{name}-sha", "name": name,
+            "data": {"rev": f"{name}-sha", "params": {"params.yaml": {"data": {"prompts": {"method": method}}}},
+                     "metrics": metrics}}
+
+
+SHOW = [
+    rev("workspace", "vanilla", {"photo": 0.5, "sketch": 0.3, "mean": 0.4}, 0.0, 0.2),
+    {**rev("main", "vanilla", {}, eval_error=True),
+     "experiments": [{"name": "mix", "revs": [rev("mix", "mix", {"photo": 0.6, "sketch": 0.4, "mean": 0.5}, 0.3, 0.25)]},
+                     {"name": "bad", "revs": [rev("bad", "random", {}, eval_error=True)]}]},
+]
+
+
+def test_experiments_flattens_commits_and_experiments_and_skips_missing_metrics():
+    rows = report.experiments(SHOW)
+    assert [r["name"] for r in rows] == ["workspace", "mix"]
+    assert rows[1]["params"]["prompts"]["method"] == "mix"
+
+
+def test_table_has_per_domain_mean_worst_and_diversity_columns():
+    md = report.table(report.experiments(SHOW)).splitlines()
+    assert md[0] == ("| prompts.method | experiment | photo | sketch | mean | worst | prompt div. | image div. |")
+    assert md[3] == "| mix | mix | 0.600 | 0.400 | 0.500 | 0.400 | 0.300 | 0.250 |"
+
+
+def test_missing_diversity_is_a_dash_and_no_experiment_is_an_error(capsys, tmp_path):
+    rows = report.experiments([rev("w", "vanilla", {"photo": 1.0, "mean": 1.0})])
+    assert report.table(rows).splitlines()[2].endswith("| - | - |")
+    path = tmp_path / "show.json"
+    path.write_text(json.dumps([rev("w", "vanilla", {}, eval_error=True)]))
+    with pytest.raises(SystemExit, match="no experiment has artifacts/eval/metrics.json"):
+        report.main([str(path)])

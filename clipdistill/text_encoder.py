@@ -1,7 +1,8 @@
-"""CLIP's text tower run from token embeddings, so a pseudo-word S* can stand in for a token.
+"""CLIP's text tower run from token embeddings, so learned vectors can stand in for tokens.
 
 Xuan et al.'s prompts "a {S*} style of a {class}" carry a style embedding that is no word of the
-vocabulary: the forward below is open_clip's `CLIP.encode_text` with one token row replaced.
+vocabulary, and CoOp/KDPL prompts carry n_ctx learned context vectors: both forwards below are
+open_clip's `CLIP.encode_text` with token rows replaced.
 """
 from __future__ import annotations
 
@@ -66,6 +67,34 @@ def encode_with_pseudo_word(model, tokens: torch.Tensor, s_star: torch.Tensor | 
         slot = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
         slot[torch.arange(tokens.shape[0], device=tokens.device), positions] = True
         x = torch.where(slot[..., None], s_star.to(cast_dtype)[:, None, :], x)
+    return encode_token_embeddings(model, x, tokens, normalize)
+
+
+def encode_with_context(model, tokens: torch.Tensor, ctx: torch.Tensor, start: int = 1,
+                        normalize: bool = True) -> torch.Tensor:
+    """CoOp's text forward: token rows start .. start+n_ctx of every prompt replaced by `ctx`.
+
+    model: open_clip.CLIP; tokens: [N, L] ids whose rows start .. start+n_ctx hold placeholder
+    words (they only keep the EOT token where 'argmax' pooling looks for it); ctx: [n_ctx, W]
+    shared by all prompts, or [N, n_ctx, W]. Returns features [N, D], unit-norm when `normalize`.
+    Differentiable in ctx.
+    """
+    _check_clip(model)
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)  # [N, L, W]
+    ctx = ctx.to(cast_dtype)
+    if ctx.dim() == 2:
+        ctx = ctx.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+    x = torch.cat([x[:, :start], ctx, x[:, start + ctx.shape[1]:]], dim=1)
+    return encode_token_embeddings(model, x, tokens, normalize)
+
+
+def encode_token_embeddings(model, x: torch.Tensor, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """The rest of open_clip's CLIP.encode_text, from token embeddings x [N, L, W] (cast dtype).
+
+    tokens [N, L] are only used for pooling (the EOT position). Returns [N, D].
+    """
+    cast_dtype = model.transformer.get_cast_dtype()
     x = x + model.positional_embedding.to(cast_dtype)
     x = model.transformer(x, attn_mask=model.attn_mask)
     x = model.ln_final(x)

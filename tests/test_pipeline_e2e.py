@@ -111,3 +111,35 @@ def test_bad_param_fails_with_one_line_and_writes_nothing(project):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "bogus_key" in lines[0]
     assert not (dst / "artifacts/student_bad").exists()
+
+
+def test_interrupted_synthesis_resumes_from_finished_shards(project):
+    """A finished shard in the work folder is kept (not recomputed) and the rest come out as in
+    an uninterrupted run."""
+    import re
+
+    import torch
+
+    dst, _ = project
+    cmd = [sys.executable, "stages/synthesize.py", "--prompts", "artifacts/prompts", "--generator",
+           "artifacts/generator", "--teacher", "artifacts/teacher", "--text_features", "artifacts/text_features",
+           "--out", "artifacts/synth_resume"]
+    key = re.search(r"work key (\w+)", run(cmd, dst).stdout).group(1)
+    full = dst / "artifacts/synth_resume/shards"
+    assert not (dst / "artifacts/.synth_resume.work").exists()
+    # Simulate a run killed after its first shard: the work folder holds shard 0 (marked) and a
+    # half-written temp file.
+    work = dst / "artifacts/.synth_resume.work" / key
+    work.mkdir(parents=True)
+    shard = torch.load(full / "shard_00000.pt", weights_only=True)
+    shard["images"] = torch.zeros_like(shard["images"])
+    torch.save(shard, work / "shard_00000.pt")
+    (work / ".shard_00001.pt.tmp").write_bytes(b"partial")
+    out = run(cmd, dst).stdout
+    assert "1 already done" in out
+    resumed = dst / "artifacts/synth_resume/shards"
+    assert torch.load(resumed / "shard_00000.pt", weights_only=True)["images"].sum() == 0  # kept, not redone
+    for name in ("shard_00001.pt", "shard_00002.pt"):
+        a = torch.load(resumed / name, weights_only=True)["images"]
+        b = torch.load(dst / "artifacts/synth/shards" / name, weights_only=True)["images"]
+        assert torch.equal(a, b)

@@ -1,0 +1,440 @@
+"""Prompt-learning students: a smaller CLIP kept frozen, adapted only through prompts.
+
+PromptKD (Li et al., CVPR 2024): deep visual prompts + a projector into the teacher's space;
+logits against the teacher's stored class vectors, no text encoder at inference.
+KDPL (Mistretta et al., ECCV 2024): CoOp text context (+ optional visual prompts) through the
+student's own text tower; optionally class-agnostic over a large name dictionary (KDPL-CA).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+from .clip_models import CLIP_MEAN, CLIP_STD, ClipTeacher, ConvImageTower, build_clip, load_open_clip_teacher
+from .runtime import PipelineError
+from .text_encoder import encode_with_context
+
+DEFAULT_CLASSNAMES = Path(__file__).parent / "assets" / "classnames.txt"
+PROMPT_STD = 0.02  # VPT / PromptSRC / PromptKD initialise visual prompts from N(0, 0.02)
+
+
+# ---------------------------------------------------------------- visual prompts
+
+class VitPrompts(nn.Module):
+    """VPT-deep on open_clip's VisionTransformer (a mirror of open_clip 3.3's forward).
+
+    `n_prompts` tokens [n, W] per layer for the first `depth` layers, placed after the class
+    token. As in PromptSRC/PromptKD (IVLP), layer 0's prompts join the sequence after the
+    positional embedding and before `ln_pre`, so they are normalised like the patch tokens; layers
+    1 .. depth-1 replace the previous layer's prompt outputs with their own; from layer `depth` on
+    the prompt outputs flow on; they are dropped before pooling (this matters for 'avg' pooling
+    only: 'tok' pooling reads the class token). Prompts carry no positional embedding, so their
+    place in the sequence does not change the result. depth 0 (or n 0) is the plain forward.
+    normalised [B, 3, S, S] -> [B, out_dim].
+    """
+
+    def __init__(self, visual: VisionTransformer, n_prompts: int, depth: int, generator=None):
+        super().__init__()
+        layers = len(visual.transformer.resblocks)
+        if not 0 <= depth <= layers:
+            raise ValueError(f"visual prompt depth {depth} must be within 0..{layers} (the tower's layers)")
+        if not visual.transformer.batch_first:
+            raise PipelineError("visual prompts need a batch-first open_clip transformer (open_clip >= 3)")
+        self.visual = visual
+        self.n_prompts = n_prompts if depth > 0 else 0
+        self.depth = depth if n_prompts > 0 else 0
+        width = visual.conv1.out_channels
+        self.prompts = None
+        if self.n_prompts:
+            init = torch.randn(self.depth, self.n_prompts, width, generator=generator)
+            self.prompts = nn.Parameter(PROMPT_STD * init)
+        self.out_dim = visual.proj.shape[1] if visual.proj is not None else width
+
+    def _with_prompts(self, x: torch.Tensor, layer: int, replace: bool) -> torch.Tensor:
+        p = self.prompts[layer].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        rest = x[:, 1 + self.n_prompts:] if replace else x[:, 1:]
+        return torch.cat([x[:, :1], p, rest], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        # open_clip VisionTransformer._embeds, with the layer-0 prompts joining before ln_pre
+        x = v.conv1(x)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [B, grid**2, W]
+        cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        x = v.patch_dropout(x)  # identity: the frozen tower stays in eval mode
+        if self.n_prompts:
+            x = self._with_prompts(x, 0, replace=False)
+        x = v.ln_pre(x)
+        for i, block in enumerate(v.transformer.resblocks):
+            if self.n_prompts and 0 < i < self.depth:
+                x = self._with_prompts(x, i, replace=True)
+            x = block(x)
+        if self.n_prompts:
+            x = torch.cat([x[:, :1], x[:, 1 + self.n_prompts:]], dim=1)
+        pooled, _ = v._pool(x)
+        return pooled @ v.proj if v.proj is not None else pooled
+
+
+class ConvPrompts(nn.Module):
+    """The conv analogue of VPT-deep for the embedded ConvImageTower, which has no tokens.
+
+    Our choice (the papers only prompt ViTs): each of the first `depth` conv stages gets a
+    learnable additive prompt map [C_in, n, n] (init N(0, 0.02)), bilinearly upsampled to the
+    stage's input size and added to its input, so `n_prompts` is the side of a coarse prompt grid
+    (n = 1: a per-channel shift; larger n: spatially varying prompts, like the pixel-space visual
+    prompts of Bahng et al. 2022 at stage 0). Parameters stay a few hundred for any image size.
+    depth 0 (or n 0) is the plain forward. normalised [B, 3, S, S] -> [B, out_dim].
+    """
+
+    def __init__(self, visual: ConvImageTower, n_prompts: int, depth: int, generator=None):
+        super().__init__()
+        # stages = runs of modules that start at a conv (conv, BN, ReLU, pool in ConvImageTower)
+        starts = [i for i, m in enumerate(visual.features) if isinstance(m, nn.Conv2d)] + [len(visual.features)]
+        self.stage_bounds = list(zip(starts[:-1], starts[1:]))
+        if not 0 <= depth <= len(self.stage_bounds):
+            raise ValueError(f"visual prompt depth {depth} must be within 0..{len(self.stage_bounds)} "
+                             f"(the conv tower's stages)")
+        self.visual = visual
+        self.n_prompts = n_prompts if depth > 0 else 0
+        self.depth = depth if n_prompts > 0 else 0
+        self.prompts = nn.ParameterList([
+            nn.Parameter(PROMPT_STD * torch.randn(1, visual.features[s].in_channels, self.n_prompts, self.n_prompts,
+                                                  generator=generator))
+            for s, _ in self.stage_bounds[:self.depth]])
+        self.out_dim = visual.proj.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        for i, (a, b) in enumerate(self.stage_bounds):
+            if i < self.depth:
+                x = x + F.interpolate(self.prompts[i].to(x.dtype), size=x.shape[-2:], mode="bilinear",
+                                      align_corners=False)
+            x = v.features[a:b](x)
+        return v.proj(x.mean(dim=(2, 3)))
+
+
+# The image towers that can take prompts; another tower is one entry here plus its class.
+PROMPTED_TOWERS = {VisionTransformer: VitPrompts, ConvImageTower: ConvPrompts}
+
+
+def prompted_image_encoder(visual: nn.Module, n_prompts: int, depth: int, generator=None) -> nn.Module:
+    """Wrap a CLIP image tower with visual prompts (VitPrompts or ConvPrompts by tower type)."""
+    for tower, cls in PROMPTED_TOWERS.items():
+        if isinstance(visual, tower):
+            return cls(visual, n_prompts, depth, generator)
+    raise PipelineError(f"visual prompts support {', '.join(t.__name__ for t in PROMPTED_TOWERS)} image towers, "
+                        f"not {type(visual).__name__}")
+
+
+def _preprocess(images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> CLIP-normalised [B, 3, size, size] (as ClipTeacher.preprocess)."""
+    if images.shape[-2:] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return (images - mean) / std
+
+
+def _unwrap(clip, spec: dict | None, image_size: int | None, context_length: int | None):
+    """(open_clip.CLIP, spec, image_size, context_length) from a ClipTeacher or a bare CLIP."""
+    if isinstance(clip, ClipTeacher):
+        return clip.model, clip.spec, clip.image_size, clip.context_length
+    if image_size is None:
+        size = getattr(clip.visual, "image_size", None)
+        image_size = size[0] if isinstance(size, (tuple, list)) else size
+    if image_size is None:
+        raise ValueError("image_size is needed for an image tower that does not declare it")
+    return clip, spec, int(image_size), context_length or getattr(clip, "context_length", None)
+
+
+class _FrozenClipStudent(nn.Module):
+    """Shared plumbing: CLIP input convention, a frozen CLIP part kept in eval mode."""
+
+    frozen_prefixes: tuple[str, ...] = ()
+
+    def _init_io(self, image_size: int):
+        self.image_size = image_size
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        return _preprocess(images, self.image_size, self.mean, self.std)
+
+    def train(self, mode: bool = True):
+        # The frozen CLIP must not update BatchNorm statistics (the conv tower has BN) or run
+        # dropout while the prompts train: it stays in eval mode whatever the student's mode.
+        super().train(mode)
+        for prefix in self.frozen_prefixes:
+            self.get_submodule(prefix.rstrip(".")).eval()
+        return self
+
+    def trainable_state(self) -> dict:
+        """state_dict without the frozen CLIP: prompts, projector (with BN statistics), buffers."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.frozen_prefixes)}
+
+
+# ---------------------------------------------------------------- PromptKD
+
+class PromptKDStudent(_FrozenClipStudent):
+    """PromptKD's student: frozen smaller-CLIP image tower + deep visual prompts + projector.
+
+    clip: open_clip.CLIP or ClipTeacher (then spec, image size come from it); only its image
+    tower is kept (PromptKD needs no student text encoder). class_vectors [C, D_teacher]: the
+    teacher's stored class text features, shared for training and inference (re-normalised and
+    kept as a buffer, never trained). forward(images [B, 3, H, W] in [0, 1], any size) -> logits
+    [B, C] = logit_scale * cos(projector(image feature), class vector). Trainable: prompts and
+    projector only.
+    """
+
+    frozen_prefixes = ("encoder.visual.",)
+
+    def __init__(self, clip, class_vectors: torch.Tensor, logit_scale: float, n_prompts: int = 4, depth: int = 9,
+                 image_size: int | None = None, spec: dict | None = None, generator=None):
+        super().__init__()
+        model, spec, image_size, _ = _unwrap(clip, spec, image_size, None)
+        self._init_io(image_size)
+        self.spec = spec
+        self.encoder = prompted_image_encoder(model.visual, n_prompts, depth, generator)
+        self.encoder.visual.requires_grad_(False)
+        teacher_dim = class_vectors.shape[1]
+        # PromptKD's projector: 1x1 conv (student dim -> teacher dim), BN, ReLU, 1x1 conv; on a
+        # pooled feature a 1x1 conv is a Linear. Its input is the student CLIP's image embedding
+        # (after the tower's own projection), as in PromptKD (512 -> 768 for B/16 -> L/14).
+        self.projector = nn.Sequential(nn.Linear(self.encoder.out_dim, teacher_dim), nn.BatchNorm1d(teacher_dim),
+                                       nn.ReLU(), nn.Linear(teacher_dim, teacher_dim))
+        self.register_buffer("class_vectors", F.normalize(class_vectors.detach().float(), dim=-1))
+        self.logit_scale = float(logit_scale)
+        self.encoder.visual.eval()
+
+    @property
+    def n_prompts(self) -> int:
+        return self.encoder.n_prompts
+
+    @property
+    def depth(self) -> int:
+        return self.encoder.depth
+
+    def set_class_vectors(self, class_vectors: torch.Tensor) -> None:
+        """Swap the class list (e.g. novel classes): [C', D_teacher] teacher text features."""
+        if class_vectors.shape[1] != self.class_vectors.shape[1]:
+            raise ValueError(f"class vectors of width {class_vectors.shape[1]}, the projector gives "
+                             f"{self.class_vectors.shape[1]}")
+        self.class_vectors = F.normalize(class_vectors.detach().float(), dim=-1).to(self.class_vectors.device)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> unit-norm [B, D_teacher] in the teacher's embedding space."""
+        return F.normalize(self.projector(self.encoder(self.preprocess(images))), dim=-1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * self.image_features(images) @ self.class_vectors.t()
+
+
+def promptkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                  weight: float = 1000.0) -> torch.Tensor:
+    """PromptKD: weight * T^2 * sum_{b,c} KL(softmax(t/T) || softmax(s/T)) / (B * C).
+
+    [B, C] logits each; the teacher side is detached. Dividing the summed KL by B * C (not B) is
+    PromptKD's `F.kl_div(..., reduction='sum') / numel`; the large weight (1000) compensates.
+    """
+    t = temperature
+    log_p_s = F.log_softmax(student_logits / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach() / t, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
+    return weight * t * t * kl / student_logits.numel()
+
+
+# ---------------------------------------------------------------- KDPL
+
+class KDPLStudent(_FrozenClipStudent):
+    """KDPL's student: a frozen small CLIP with CoOp context (+ optional visual prompts).
+
+    Text prompt per class = [SOS] ctx_1 .. ctx_n classname . [EOS]: n_ctx context vectors shared
+    by all classes, initialised from the token embeddings of `ctx_init` (n_ctx must equal its
+    token count; empty ctx_init = N(0, 0.02) init, as CoOp), through the frozen text tower.
+    Logits [B, K] = exp(logit_scale) (clamped at 100) * cos(image feature, text features).
+    `visual_prompts` > 0 adds the PromptKD visual prompts (VPT-deep / conv analogue) up to
+    `visual_depth`. Trainable: ctx (+ visual prompts) only. clip: open_clip.CLIP or ClipTeacher.
+    """
+
+    frozen_prefixes = ("clip.", "encoder.visual.")
+
+    def __init__(self, clip, classnames: list[str], n_ctx: int = 4, ctx_init: str = "a photo of a",
+                 visual_prompts: int = 0, visual_depth: int = 1, image_size: int | None = None,
+                 context_length: int | None = None, spec: dict | None = None, generator=None):
+        super().__init__()
+        model, spec, image_size, context_length = _unwrap(clip, spec, image_size, context_length)
+        self._init_io(image_size)
+        self.spec = spec
+        self.clip = model.requires_grad_(False).eval()
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length or model.context_length)
+        self.encoder = prompted_image_encoder(model.visual, visual_prompts, visual_depth if visual_prompts else 0,
+                                              generator)
+        self.ctx_init = ctx_init
+        if ctx_init:
+            init_ids = self.tokenizer.encode(ctx_init)
+            if len(init_ids) != n_ctx:
+                raise ValueError(f"ctx_init '{ctx_init}' is {len(init_ids)} tokens, n_ctx is {n_ctx}")
+            with torch.no_grad():
+                ctx = model.token_embedding.weight[torch.tensor(init_ids)].detach().clone()
+            self.prefix = ctx_init
+        else:
+            ctx = PROMPT_STD * torch.randn(n_ctx, model.token_embedding.weight.shape[1], generator=generator)
+            self.prefix = " ".join(["X"] * n_ctx)  # CoOp's placeholder words, replaced by ctx
+        self.ctx = nn.Parameter(ctx.float())
+        self.set_classnames(classnames)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.ctx.shape[0]
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.clip.logit_scale.detach().exp().clamp(max=100))
+
+    def set_classnames(self, names: list[str]) -> None:
+        """Swap the class list (dataset classes, the KDPL-CA dictionary, novel classes)."""
+        if not names:
+            raise ValueError("KDPL student needs at least one class name")
+        prompts = [f"{self.prefix} {n.replace('_', ' ')}." for n in names]
+        tokens = self.tokenizer(prompts)
+        if tokens.shape[1] < self.n_ctx + 3:
+            raise ValueError(f"context length {tokens.shape[1]} leaves no room for {self.n_ctx} context tokens")
+        # the context must survive tokenization at rows 1 .. n_ctx (CLIP's BPE is word by word)
+        expected = torch.tensor(self.tokenizer.encode(self.prefix))
+        if not bool((tokens[:, 1:1 + self.n_ctx] == expected).all()):
+            raise ValueError("the context words do not tokenize to rows 1..n_ctx of every prompt")
+        self.classnames = list(names)
+        self.register_buffer("tokens", tokens.to(self.ctx.device), persistent=False)
+
+    def text_features(self, class_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit-norm [K, D] for the classes `class_ids` (all when None); differentiable in ctx."""
+        tokens = self.tokens if class_ids is None else self.tokens[class_ids.to(self.tokens.device)]
+        return encode_with_context(self.clip, tokens, self.ctx)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> unit-norm [B, D]."""
+        return F.normalize(self.encoder(self.preprocess(images)), dim=-1)
+
+    def forward(self, images: torch.Tensor, class_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, K] over `class_ids` (LongTensor [K]) or over every class name."""
+        return self.logit_scale * self.image_features(images) @ self.text_features(class_ids).t()
+
+
+def select_topk_classes(teacher_probs: torch.Tensor, k: int) -> torch.Tensor:
+    """KDPL-CA: the k classes with the highest batch-mean teacher probability.
+
+    teacher_probs [B, C_all] -> LongTensor [k] of class ids, in ascending order (KDPL takes an
+    unordered argpartition; sorting makes k = C_all return 0..C-1, i.e. plain KDPL exactly).
+    """
+    n = teacher_probs.shape[1]
+    if not 1 <= k <= n:
+        raise ValueError(f"top-k of {k} classes out of {n}: k must be within 1..{n}")
+    return teacher_probs.mean(0).topk(k).indices.sort().values
+
+
+def class_agnostic_logits(student: KDPLStudent, images: torch.Tensor, teacher_logits: torch.Tensor, k: int):
+    """KDPL-CA's step: (student logits [B, k], teacher logits [B, k], class ids [k]).
+
+    teacher_logits [B, C_all] over the student's current class names (the dictionary). The
+    classes are chosen from the teacher's softmax over all C_all classes, then both sides are
+    restricted to them (the loss re-normalises over the k), as KDPL's `sampling` does.
+    Only the k selected prompts go through the student's text tower.
+    """
+    ids = select_topk_classes(teacher_logits.detach().softmax(-1), k)
+    return student(images, ids), teacher_logits[:, ids.to(teacher_logits.device)], ids
+
+
+# ---------------------------------------------------------------- class-name dictionary
+
+def load_classnames(path: str | Path = "") -> list[str]:
+    """A class-name dictionary: one name per line, '#' starts a comment; empty path = the shipped
+    clipdistill/assets/classnames.txt (KDPL-CA's stand-in for its ~21k-name dictionary)."""
+    path = Path(path) if str(path) else DEFAULT_CLASSNAMES
+    if not path.is_file():
+        raise PipelineError(f"class-name dictionary not found: {path}")
+    names = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    names = [n for n in names if n]
+    if not names:
+        raise PipelineError(f"class-name dictionary {path} is empty; list one class name per line")
+    seen, dupes = set(), []
+    for n in names:
+        if n in seen:
+            dupes.append(n)
+        seen.add(n)
+    if dupes:
+        raise PipelineError(f"class-name dictionary {path} lists {', '.join(sorted(set(dupes))[:5])} more than once")
+    return names
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _stores_weights(spec: dict) -> bool:
+    """Embedded CLIPs (and open_clip ones without pretrained weights) cannot be rebuilt from a name."""
+    return not (spec["kind"] == "open_clip" and spec.get("pretrained"))
+
+
+def save_prompt_student(student: PromptKDStudent | KDPLStudent, path: str | Path) -> None:
+    """Store what rebuilds the student: the small CLIP's spec (its weights too when no name +
+    pretrained tag can restore them), the hyper-parameters and the trainable state."""
+    if student.spec is None:
+        raise ValueError("this student has no spec of its CLIP (build it from a ClipTeacher or pass spec=)")
+    blob = {"spec": student.spec, "image_size": student.image_size, "trainable": student.trainable_state()}
+    if isinstance(student, PromptKDStudent):
+        blob.update(kind="promptkd", n_prompts=student.n_prompts, depth=student.depth,
+                    logit_scale=student.logit_scale, class_vectors=student.class_vectors)
+        if _stores_weights(student.spec):
+            blob["visual"] = student.encoder.visual.state_dict()
+    elif isinstance(student, KDPLStudent):
+        blob.update(kind="kdpl", classnames=student.classnames, n_ctx=student.n_ctx, ctx_init=student.ctx_init,
+                    visual_prompts=student.encoder.n_prompts, visual_depth=student.encoder.depth,
+                    context_length=student.tokenizer.context_length)
+        if _stores_weights(student.spec):
+            blob["clip"] = student.clip.state_dict()
+    else:
+        raise TypeError(f"not a prompt student: {type(student).__name__}")
+    torch.save(blob, path)
+
+
+def load_prompt_student(path: str | Path, device: torch.device | str = "cpu") -> PromptKDStudent | KDPLStudent:
+    """Rebuild a student save_prompt_student wrote, in eval mode on `device`."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"student checkpoint not found: {path} (run the distill stage)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        kind = blob["kind"]
+    except Exception as exc:  # any unreadable file is one error to the user
+        raise PipelineError(f"student checkpoint {path} is unreadable: {type(exc).__name__}") from None
+    if kind not in ("promptkd", "kdpl"):
+        raise PipelineError(f"student checkpoint {path} holds a '{kind}' student, not a prompt student")
+    try:
+        spec = blob["spec"]
+        if spec["kind"] == "open_clip":  # weights from the tag, or random then overwritten below
+            model = load_open_clip_teacher(spec["model"], spec["pretrained"]).model
+        else:
+            model = build_clip(spec["config"])
+        if kind == "promptkd":
+            if "visual" in blob:
+                model.visual.load_state_dict(blob["visual"])
+            student = PromptKDStudent(model, blob["class_vectors"], blob["logit_scale"], blob["n_prompts"],
+                                      blob["depth"], image_size=blob["image_size"], spec=spec)
+        else:
+            if "clip" in blob:
+                model.load_state_dict(blob["clip"])
+            student = KDPLStudent(model, blob["classnames"], n_ctx=blob["n_ctx"], ctx_init=blob["ctx_init"],
+                                  visual_prompts=blob["visual_prompts"], visual_depth=blob["visual_depth"],
+                                  image_size=blob["image_size"], context_length=blob["context_length"], spec=spec)
+        missing, unexpected = student.load_state_dict(blob["trainable"], strict=False)
+        missing = [k for k in missing if not k.startswith(student.frozen_prefixes)]
+        if missing or unexpected:
+            raise KeyError((missing + unexpected)[0])
+    except PipelineError:
+        raise
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        raise PipelineError(f"student checkpoint {path} does not match its model: "
+                            f"{type(exc).__name__} {str(exc).splitlines()[0][:120]}") from None
+    return student.to(device).eval()

@@ -246,3 +246,24 @@ def train_teacher(teacher: ClipTeacher, images: torch.Tensor, captions: list[str
     bar.close()
     teacher.eval()
     return losses
+
+
+def materialise_clip(p, world_train: Path, image_size: int, generator: torch.Generator,
+                     device: torch.device) -> tuple[ClipTeacher, dict]:
+    """The CLIP a `teacher`-shaped params section names: trained here on the world's captioned
+    train split (source embedded) or loaded from open_clip (source open_clip). Returns
+    (model on CPU, summary). Used for the teacher and for the prompt students' smaller CLIP."""
+    from .data import load_captioned_split
+
+    summary = {"source": p.source}
+    if p.source == "embedded":
+        images, captions, _ = load_captioned_split(world_train, image_size)
+        model = build_embedded_teacher(p, image_size)
+        losses = train_teacher(model, images, captions, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
+                               weight_decay=p.weight_decay, generator=generator, device=device)
+        summary.update(final_loss=sum(losses[-20:]) / len(losses[-20:]), steps=len(losses),
+                       logit_scale=model.logit_scale)
+    else:
+        model = load_open_clip_teacher(p.open_clip_model, p.pretrained)
+        summary.update(model=p.open_clip_model, pretrained=p.pretrained)
+    return model.cpu(), summary

@@ -101,3 +101,22 @@ def load_shards(synth_dir: str | Path) -> tuple[torch.Tensor, pd.DataFrame]:
             raise PipelineError(f"shard {path} is unreadable: {type(exc).__name__}") from None
     images = torch.stack([shards[s][r] for s, r in zip(index["shard"], index["row"])])
     return images, index
+
+
+def load_unlabeled_folder(root: str | Path, classes: list[str], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image under `root` (any depth) as uint8 [N, 3, S, S], sorted by path, for distillation
+    on unlabeled real images (PromptKD's and KDPL's setting).
+
+    The second tensor [N] is the index in `classes` of the nearest parent folder named like a class
+    (-1 if none). Training never reads it; it only selects the base classes' images for the
+    base-to-novel split when the folder is class-structured (`<root>/<domain>/<class>/*`).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise PipelineError(f"image folder not found: {root}")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise PipelineError(f"image folder {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [next((index[q.name] for q in p.relative_to(root).parents if q.name in index), -1) for p in paths]
+    return to_tensor([read_image(p, size) for p in paths]), torch.tensor(labels)

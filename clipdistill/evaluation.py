@@ -37,3 +37,36 @@ def images_per_second(fn, image_size: int, device: torch.device, batch: int = 64
     if device.type == "cuda":
         torch.cuda.synchronize()
     return batch * reps / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def gflops_per_image(fn, image_size: int, device: torch.device) -> float:
+    """GFLOPs (multiply-adds count 2) of `fn` on one [1, 3, S, S] image, from torch's FLOP counter
+    (convolutions and matrix products; elementwise ops are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.rand(1, 3, image_size, image_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        fn(x)
+    return counter.get_total_flops() / 1e9
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+
+def pooled_accuracy(model_logits, domains: dict[str, tuple[torch.Tensor, torch.Tensor]], keep: list[int],
+                    batch_size: int, device: torch.device) -> float:
+    """Accuracy over every domain's images of the classes `keep`, predicting among `keep` only
+    (the model scores exactly those classes, in that order)."""
+    correct = total = 0
+    remap = {c: i for i, c in enumerate(keep)}
+    for images, labels in domains.values():
+        mask = torch.tensor([int(y) in remap for y in labels.tolist()], dtype=torch.bool)
+        if not mask.any():
+            continue
+        target = torch.tensor([remap[int(y)] for y in labels[mask].tolist()])
+        pred = predict(model_logits, images[mask], batch_size, device)
+        correct += int((pred == target).sum())
+        total += int(mask.sum())
+    return correct / max(1, total)

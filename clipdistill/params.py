@@ -49,6 +49,18 @@ class TeacherParams:
 
 
 @dataclass(frozen=True)
+class StudentClipParams(TeacherParams):
+    """The smaller CLIP the prompt students (PromptKD, KDPL) start from: same keys as `teacher`,
+    a smaller and weaker embedded default; on the real path an open_clip model + pretrained tag."""
+    embed_dim: int = 32
+    vision_width: int = 12
+    text_width: int = 32
+    text_layers: int = 1
+    text_heads: int = 1
+    epochs: int = 8
+
+
+@dataclass(frozen=True)
 class GeneratorParams:
     source: str = "embedded"
     taming_config: str = ""
@@ -127,6 +139,18 @@ class DistillParams:
     lr: float = 2e-3
     weight_decay: float = 5e-4
     augment: bool = True
+    images: str = "synthetic"      # synthetic | world (the world's train images, labels discarded) | a folder
+    base_to_novel: bool = True     # also train on the first half of the classes; evaluate base/novel/HM
+    # prompt students (PromptKD, KDPL)
+    n_prompts: int = 4             # visual prompt tokens per layer (conv tower: side of a prompt map)
+    prompt_depth: int = 4          # layers with visual prompts
+    n_ctx: int = 4                 # KDPL: CoOp context tokens
+    ctx_init: str = "a photo of a"
+    visual_prompts: int = 0        # KDPL: visual prompts too (0 = text context only)
+    kd_weight: float = 1000.0      # loss `promptkd`: PromptKD's weight
+    class_agnostic: bool = False   # KDPL-CA: class names from the dictionary, top-K per batch
+    topk: int = 1000
+    classnames_file: str = ""      # empty = clipdistill/assets/classnames.txt
 
 
 @dataclass(frozen=True)
@@ -151,6 +175,7 @@ class Params:
     text_features: TextFeaturesParams
     distill: DistillParams
     eval: EvalParams
+    student_clip: StudentClipParams = field(default_factory=StudentClipParams)
     seed: int = 0
     device: str = "cpu"
     threads: int = 0
@@ -163,9 +188,11 @@ CHOICES = {
     "teacher.vision": ("convnet", "vit"),
     "generator.source": ("embedded", "taming"),
     "prompts.method": ("vanilla", "mix", "random", "contrastive"),
-    "distill.student": ("cnn",),
+    "student_clip.source": ("embedded", "open_clip"),
+    "student_clip.vision": ("convnet", "vit"),
+    "distill.student": ("cnn", "promptkd", "kdpl"),
     "distill.head": ("projection", "linear"),
-    "distill.loss": ("kl", "reverse_kl", "symmetric_kl"),
+    "distill.loss": ("kl", "reverse_kl", "symmetric_kl", "promptkd"),
 }
 POSITIVE = {
     "world.image_size", "world.train_per_class_style", "world.test_per_class_domain",
@@ -175,9 +202,11 @@ POSITIVE = {
     "prompts.contrastive.steps", "prompts.contrastive.lr", "prompts.contrastive.temperature",
     "prompts.contrastive.batch_size", "synthesize.batch_size", "synthesize.shard_size", "synthesize.steps",
     "synthesize.cutn", "distill.epochs", "distill.batch_size", "distill.width", "distill.depth",
-    "distill.temperature", "eval.batch_size",
+    "distill.temperature", "eval.batch_size", "distill.topk", "distill.kd_weight", "distill.n_ctx",
+    "student_clip.embed_dim", "student_clip.epochs", "student_clip.batch_size", "student_clip.context_length",
 }
-NON_NEGATIVE = {"prompts.contrastive.bank_size", "prompts.contrastive.content_weight"}
+NON_NEGATIVE = {"prompts.contrastive.bank_size", "prompts.contrastive.content_weight", "distill.n_prompts",
+                "distill.prompt_depth", "distill.visual_prompts"}
 NON_EMPTY = {"world.classes", "world.eval_domains", "world.train_styles", "text_features.templates"}
 
 
@@ -279,6 +308,14 @@ def _check_values(p: Params) -> None:
     if p.teacher.source == "open_clip" and not p.teacher.pretrained:
         raise ParamsError("params key 'teacher.pretrained' must name an open_clip tag or checkpoint path "
                           "when teacher.source is open_clip")
+    if p.student_clip.source == "open_clip" and not p.student_clip.pretrained:
+        raise ParamsError("params key 'student_clip.pretrained' must name an open_clip tag or checkpoint path "
+                          "when student_clip.source is open_clip")
+    if p.distill.class_agnostic and p.distill.student != "kdpl":
+        raise ParamsError("params key 'distill.class_agnostic' needs distill.student: kdpl")
+    if p.distill.student == "cnn" and p.distill.head == "linear" and p.distill.base_to_novel:
+        raise ParamsError("params key 'distill.base_to_novel' needs distill.head: projection (a linear head "
+                          "cannot score classes it was not trained on)")
     if p.generator.source == "taming" and not (p.generator.taming_config and p.generator.taming_checkpoint):
         raise ParamsError("params keys 'generator.taming_config' and 'generator.taming_checkpoint' are "
                           "required when generator.source is taming")

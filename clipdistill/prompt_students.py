@@ -16,6 +16,7 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from .clip_models import CLIP_MEAN, CLIP_STD, ClipTeacher, ConvImageTower, build_clip, load_open_clip_teacher
+from .losses import promptkd_loss  # noqa: F401  (PromptKD's loss lives with the others)
 from .runtime import PipelineError
 from .text_encoder import encode_with_context
 
@@ -231,20 +232,6 @@ class PromptKDStudent(_FrozenClipStudent):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * self.image_features(images) @ self.class_vectors.t()
-
-
-def promptkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-                  weight: float = 1000.0) -> torch.Tensor:
-    """PromptKD: weight * T^2 * sum_{b,c} KL(softmax(t/T) || softmax(s/T)) / (B * C).
-
-    [B, C] logits each; the teacher side is detached. Dividing the summed KL by B * C (not B) is
-    PromptKD's `F.kl_div(..., reduction='sum') / numel`; the large weight (1000) compensates.
-    """
-    t = temperature
-    log_p_s = F.log_softmax(student_logits / t, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.detach() / t, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
-    return weight * t * t * kl / student_logits.numel()
 
 
 # ---------------------------------------------------------------- KDPL

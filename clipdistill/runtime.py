@@ -91,12 +91,15 @@ def run_stage(main) -> None:
         sys.exit(1)
 
 
-def stage_args(description: str, *paths: str):
-    """Parse the stage's path arguments (paths live in dvc.yaml, nowhere else) and --params."""
+def stage_args(description: str, *paths: str, optional: dict | None = None):
+    """Parse the stage's path arguments (paths live in dvc.yaml, nowhere else), --params, and
+    `optional` {name: default} arguments."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml")
     for name in paths:
         parser.add_argument(f"--{name}", required=True)
+    for name, default in (optional or {}).items():
+        parser.add_argument(f"--{name}", default=default)
     return parser.parse_args()

@@ -84,20 +84,51 @@ class CnnStudent(nn.Module):
         return out
 
 
-def build_student(p, class_vectors: torch.Tensor, logit_scale: float) -> nn.Module:
-    """The student `distill.student` names, from `distill.*` params."""
+def build_student(p, class_vectors: torch.Tensor, logit_scale: float, classes: list[str] | None = None,
+                  small_clip=None, generator: torch.Generator | None = None) -> nn.Module:
+    """The student `distill.student` names, from `distill.*` params.
+
+    cnn: a ResNet (class_vectors, logit_scale: the teacher's). promptkd / kdpl: prompt students
+    over `small_clip` (a ClipTeacher: the smaller pretrained CLIP), see prompt_students.py.
+    """
     if p.student == "cnn":
         return CnnStudent(class_vectors, logit_scale, head=p.head, width=p.width, depth=p.depth)
+    from .prompt_students import KDPLStudent, PromptKDStudent
+
+    if small_clip is None:
+        raise ValueError(f"distill.student {p.student} needs the smaller CLIP (student_clip stage)")
+    if p.student == "promptkd":
+        return PromptKDStudent(small_clip, class_vectors, logit_scale, p.n_prompts, p.prompt_depth,
+                               generator=generator)
+    if p.student == "kdpl":
+        return KDPLStudent(small_clip, classes, n_ctx=p.n_ctx, ctx_init=p.ctx_init, visual_prompts=p.visual_prompts,
+                           visual_depth=max(1, p.prompt_depth), generator=generator)
     raise ValueError(f"unknown distill.student '{p.student}'")
 
 
-def save_student(student: CnnStudent, path) -> None:
+def set_classes(student: nn.Module, classes: list[str], class_vectors: torch.Tensor) -> None:
+    """Point any student at another class list (base or novel classes, or back from the KDPL-CA
+    dictionary): CNN and PromptKD students take the teacher's class vectors, KDPL its own names."""
+    if hasattr(student, "set_classnames"):
+        student.set_classnames(classes)
+    elif hasattr(student, "set_class_vectors"):
+        student.set_class_vectors(class_vectors)
+    else:
+        student.class_vectors = F.normalize(class_vectors.float(), dim=-1).to(student.class_vectors.device)
+
+
+def save_student(student: nn.Module, path) -> None:
+    if not isinstance(student, CnnStudent):
+        from .prompt_students import save_prompt_student
+
+        return save_prompt_student(student, path)
     torch.save({"kind": "cnn", "head": student.head_kind, "width": student.backbone.stem[0].out_channels,
                 "depth": len(student.backbone.layers) // 3, "logit_scale": student.logit_scale,
                 "class_vectors": student.class_vectors, "state_dict": student.state_dict()}, path)
 
 
-def load_student(path, device="cpu") -> CnnStudent:
+def load_student(path, device="cpu") -> nn.Module:
+    """Any student `save_student` wrote (its `kind` picks the loader), in eval mode on `device`."""
     from pathlib import Path
 
     from .runtime import PipelineError
@@ -107,9 +138,17 @@ def load_student(path, device="cpu") -> CnnStudent:
         raise PipelineError(f"student checkpoint not found: {path} (run the distill stage)")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
+        kind = blob["kind"]
+    except Exception as exc:  # any unreadable file is one error to the user
+        raise PipelineError(f"student checkpoint {path} is unreadable: {type(exc).__name__}") from None
+    if kind != "cnn":
+        from .prompt_students import load_prompt_student
+
+        return load_prompt_student(path, device)
+    try:
         model = CnnStudent(blob["class_vectors"], blob["logit_scale"], head=blob["head"], width=blob["width"],
                            depth=blob["depth"])
         model.load_state_dict(blob["state_dict"])
-    except Exception as exc:  # any unreadable or mismatched file is one error to the user
+    except Exception as exc:  # any mismatched file is one error to the user
         raise PipelineError(f"student checkpoint {path} is unreadable or incompatible: {type(exc).__name__}") from None
     return model.to(device).eval()

@@ -21,11 +21,13 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 
 def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss_fn, *, temperature: float,
             epochs: int, batch_size: int, lr: float, weight_decay: float, augment: bool,
-            generator: torch.Generator, device: torch.device, log=None) -> list[float]:
+            generator: torch.Generator, device: torch.device, log=None, student_step=None) -> list[float]:
     """Train `student` to match `teacher_logits(x) -> [B, C]` on uint8 `images` [N, 3, H, W].
 
     AdamW with a cosine schedule and one warm-up epoch; only parameters with requires_grad train.
-    `log(step, loss)` is called per epoch if given. Returns per-step losses.
+    `log(step, loss)` is called per epoch if given. `student_step(x, teacher_logits) -> (student
+    logits, teacher logits)` replaces `student(x)` when the student decides which classes a step
+    scores (KDPL-CA's top-K). Returns per-step losses.
     """
     student.to(device).train()
     params = [p for p in student.parameters() if p.requires_grad]
@@ -45,7 +47,8 @@ def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss
             x = x.to(device)
             with torch.no_grad():
                 t = teacher_logits(x)
-            loss = loss_fn(student(x), t, temperature)
+            s, t = student_step(x, t) if student_step is not None else (student(x), t)
+            loss = loss_fn(s, t, temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,40 +1,100 @@
-"""Stage `distill`: train the student on synthesized images only, against the teacher's logits.
+"""Stage `distill`: train the student against the teacher's logits; no label is used.
 
-Teacher logits = logit_scale * cos(teacher image feature, stored class vectors); the student's
-projection head classifies against the same stored vectors (PromptKD). No label is used.
+distill.student: cnn (a ResNet whose projection head classifies against the stored class vectors,
+PromptKD's shared class vectors) | promptkd (frozen smaller CLIP image tower + visual prompts +
+projector, logits against the stored class vectors) | kdpl (smaller CLIP with CoOp context and
+its own text tower; teacher logits at the student's logit scale; distill.class_agnostic: KDPL-CA).
+distill.images: synthetic (data-free, the default) | world (the world's train images, labels
+discarded) | a folder of unlabeled images.
+With distill.base_to_novel, a second student trains on the first half of the classes only
+(student_b2n.pt) for the base-to-novel evaluation.
 """
 from pathlib import Path
 
+import torch
+
 from clipdistill.clip_models import load_teacher
-from clipdistill.data import load_shards
+from clipdistill.data import load_shards, load_unlabeled_folder
 from clipdistill.losses import get_loss
 from clipdistill.params import load_params
-from clipdistill.runtime import atomic_dir, run_stage, seed_everything, setup_torch, stage_args, write_json
-from clipdistill.students import build_student, save_student
+from clipdistill.prompt_students import class_agnostic_logits, load_classnames
+from clipdistill.runtime import PipelineError, atomic_dir, run_stage, seed_everything, setup_torch, stage_args, write_json
+from clipdistill.students import build_student, save_student, set_classes
+from clipdistill.text import class_vectors as text_class_vectors
 from clipdistill.text import load_class_vectors
 from clipdistill.training import distill
 
+# KDPL-CA scores thousands of dictionary names: one template keeps that a single text pass.
+DICTIONARY_TEMPLATES = ["a photo of a {}."]
+
+
+def training_images(p, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images [N, 3, S, S], class index per image or -1). The index only selects the base
+    classes' images for base-to-novel; training itself never reads it."""
+    d = p.distill
+    if d.images == "synthetic":
+        images, index = load_shards(args.synth)
+        return images, torch.tensor(index["label"].to_numpy())
+    root = Path(args.world) / "train" if d.images == "world" else Path(d.images)
+    return load_unlabeled_folder(root, list(p.world.classes), p.world.image_size)
+
+
+def train_student(p, classes, vectors, images, teacher, small_clip, gen, device, log=None):
+    """One student over `classes` (teacher class vectors `vectors` [C, D]) on `images`."""
+    d = p.distill
+    student = build_student(d, vectors.cpu(), teacher.logit_scale, classes, small_clip, gen)
+    student.to(device)
+    step = None
+    if d.student == "kdpl":
+        # KDPL: teacher logits at the student's logit scale (100 for pretrained CLIPs).
+        target = vectors
+        if d.class_agnostic:
+            names = load_classnames(d.classnames_file)
+            target = text_class_vectors(teacher, names, DICTIONARY_TEMPLATES).to(device)
+            student.set_classnames(names)
+            k = min(d.topk, len(names))
+            step = lambda x, t: class_agnostic_logits(student, x, t, k)[:2]  # noqa: E731
+        teacher_logits = lambda x: student.logit_scale * teacher.encode_image(x) @ target.t()  # noqa: E731
+    else:
+        teacher_logits = lambda x: teacher.logits(x, vectors)  # noqa: E731
+    distill(student, teacher_logits, images, get_loss(d.loss, d.kd_weight), temperature=d.temperature,
+            epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay, augment=d.augment,
+            generator=gen, device=device, log=log, student_step=step)
+    set_classes(student, classes, vectors.cpu())  # KDPL-CA: back from the dictionary to the task's classes
+    return student.cpu()
+
 
 def main():
-    args = stage_args(__doc__, "synth", "teacher", "text_features", "out")
+    args = stage_args(__doc__, "synth", "world", "teacher", "student_clip", "text_features", "out")
     p = load_params(args.params)
     d = p.distill
     device = setup_torch(p.device, p.threads)
     gen = seed_everything(p.seed)
-    images, _ = load_shards(args.synth)
+    images, labels = training_images(p, args)
     teacher = load_teacher(args.teacher, device)
+    small_clip = load_teacher(args.student_clip, device) if d.student != "cnn" else None
     cv = load_class_vectors(args.text_features)
-    vectors = cv["features"].to(device)
-    student = build_student(d, cv["features"], cv["logit_scale"])
+    classes, vectors = list(cv["classes"]), cv["features"].to(device)
     history = []
-    losses = distill(student, lambda x: teacher.logits(x, vectors), images, get_loss(d.loss),
-                     temperature=d.temperature, epochs=d.epochs, batch_size=d.batch_size, lr=d.lr,
-                     weight_decay=d.weight_decay, augment=d.augment, generator=gen, device=device,
-                     log=lambda epoch, loss: history.append({"epoch": epoch, "loss": loss}))
+    student = train_student(p, classes, vectors, images, teacher, small_clip, gen, device,
+                            log=lambda epoch, loss: history.append({"epoch": epoch, "loss": loss}))
+    b2n = None
+    if d.base_to_novel:
+        n_base = len(classes) // 2
+        if n_base < 1:
+            raise PipelineError("distill.base_to_novel needs at least 2 classes")
+        keep = (labels >= 0) & (labels < n_base)
+        if keep.sum() < d.batch_size:
+            raise PipelineError(f"distill.base_to_novel: only {int(keep.sum())} training images belong to the base "
+                                f"classes {classes[:n_base]} (a folder must be <root>/<domain>/<class>/*)")
+        b2n = train_student(p, classes[:n_base], vectors[:n_base], images[keep], teacher, small_clip, gen, device)
     with atomic_dir(args.out) as tmp:
-        save_student(student.cpu(), tmp / "student.pt")
+        save_student(student, tmp / "student.pt")
+        if b2n is not None:
+            save_student(b2n, tmp / "student_b2n.pt")
         write_json(tmp / "history.json", history)
-    print(f"distill: {len(losses)} steps on {images.shape[0]} synthesized images, final loss {history[-1]['loss']:.4f}")
+    print(f"distill: {d.student} student, {len(history) and history[-1]['epoch'] + 1} epochs on {images.shape[0]} "
+          f"{d.images} images, final loss {history[-1]['loss']:.4f}")
 
 
 if __name__ == "__main__":

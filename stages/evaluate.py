@@ -1,8 +1,11 @@
 """Stage `evaluate`: teacher (zero-shot, stored class vectors) and student accuracy per domain.
 
-Writes <out>/metrics.json ({"teacher": {domain: acc, "mean": acc}, "student": {...}, plus one
-entry per extra dataset in eval.datasets}), accuracy.csv and confusion.csv (plots), and speed.json
-(parameters and images/s: machine-dependent, so kept out of the metrics that must be reproducible).
+Writes <out>/metrics.json ({"teacher": {domain: acc, "mean": acc}, "student": {...},
+"student_zero_shot": the smaller CLIP before prompt learning (prompt students only),
+"base_to_novel": {"base", "novel", "hm"} of the student trained on the first half of the classes,
+plus one entry per extra dataset in eval.datasets}), accuracy.csv and confusion.csv (plots), and
+speed.json (parameters, GFLOPs per image and images/s at batch 64: machine-dependent, so kept out
+of the metrics that must be reproducible).
 """
 from pathlib import Path
 
@@ -10,21 +13,38 @@ import pandas as pd
 
 from clipdistill.clip_models import load_teacher
 from clipdistill.data import load_domain_folder
-from clipdistill.evaluation import count_parameters, domain_accuracies, images_per_second
+from clipdistill.evaluation import (count_parameters, domain_accuracies, gflops_per_image, harmonic_mean,
+                                    images_per_second, pooled_accuracy)
 from clipdistill.params import load_params
 from clipdistill.runtime import atomic_dir, run_stage, setup_torch, stage_args, write_json
-from clipdistill.students import load_student
-from clipdistill.text import load_class_vectors
+from clipdistill.students import load_student, set_classes
+from clipdistill.text import class_vectors, load_class_vectors
+
+
+def base_to_novel(student, classes, vectors, data, batch_size, device) -> dict:
+    """PromptKD/KDPL's protocol: a student trained on the base half of the classes, scored on
+    base-class images among the base classes and on novel-class images among the novel ones."""
+    n_base = len(classes) // 2
+    out = {}
+    for split, keep in (("base", list(range(n_base))), ("novel", list(range(n_base, len(classes))))):
+        set_classes(student, [classes[i] for i in keep], vectors[keep].cpu())
+        student.to(device)
+        out[split] = round(pooled_accuracy(student, data, keep, batch_size, device), 4)
+    out["hm"] = round(harmonic_mean(out["base"], out["novel"]), 4)
+    return out
 
 
 def main():
-    args = stage_args(__doc__, "world", "teacher", "text_features", "student", "out")
+    args = stage_args(__doc__, "world", "teacher", "student_clip", "text_features", "student", "out")
     p = load_params(args.params)
     device = setup_torch(p.device, p.threads)
     teacher = load_teacher(args.teacher, device)
     vectors = load_class_vectors(args.text_features)["features"].to(device)
     student = load_student(Path(args.student) / "student.pt", device)
     classes = list(p.world.classes)
+    # The smaller CLIP the prompt students start from, scored zero-shot: the row they must beat.
+    small_clip = load_teacher(args.student_clip, device)
+    small_vectors = class_vectors(small_clip, classes, p.text_features.templates).to(device)
 
     def teacher_logits(x):
         return teacher.logits(x, vectors)
@@ -37,8 +57,13 @@ def main():
         t_acc, _ = domain_accuracies(teacher_logits, data, p.eval.batch_size, device)
         s_acc, s_pred = domain_accuracies(student, data, p.eval.batch_size, device)
         entry = {"teacher": t_acc, "student": s_acc}
+        entry["student_zero_shot"] = domain_accuracies(lambda x: small_clip.logits(x, small_vectors), data,
+                                                       p.eval.batch_size, device)[0]
         if name == "world":
             metrics.update(entry)
+            if (Path(args.student) / "student_b2n.pt").is_file():
+                metrics["base_to_novel"] = base_to_novel(load_student(Path(args.student) / "student_b2n.pt", device),
+                                                         classes, vectors, data, p.eval.batch_size, device)
             confusion = pd.concat([pd.DataFrame({"actual": [classes[i] for i in data[dom][1].tolist()],
                                                  "predicted": [classes[i] for i in s_pred[dom].tolist()]})
                                    for dom in data])
@@ -48,19 +73,21 @@ def main():
             rows += [{"label": f"{name}/{model}/{dom}", "dataset": name, "model": model, "domain": dom,
                       "accuracy": a} for dom, a in acc.items()]
 
-    speed = {
-        "device": str(device),
-        "teacher": {"parameters": count_parameters(teacher.model.visual),
-                    "images_per_s": round(images_per_second(lambda x: teacher.encode_image(x), teacher.image_size, device), 1)},
-        "student": {"parameters": count_parameters(student),
-                    "images_per_s": round(images_per_second(student, p.world.image_size, device), 1)},
-    }
+    size = p.world.image_size
+    speed = {"device": str(device), "batch": 64, "image_size": size}
+    for model, fn, params in (("teacher", teacher.encode_image, count_parameters(teacher.model.visual)),
+                              ("student", student, count_parameters(student))):
+        speed[model] = {"parameters": params, "gflops_per_image": round(gflops_per_image(fn, size, device), 4),
+                        "images_per_s": round(images_per_second(fn, size, device), 1)}
+    speed["student_speedup"] = round(speed["student"]["images_per_s"] / speed["teacher"]["images_per_s"], 2)
     with atomic_dir(args.out) as tmp:
         write_json(tmp / "metrics.json", metrics)
         pd.DataFrame(rows).to_csv(tmp / "accuracy.csv", index=False)
         confusion.to_csv(tmp / "confusion.csv", index=False)
         write_json(tmp / "speed.json", speed)
     print(f"evaluate: teacher {metrics['teacher']}\n          student {metrics['student']}")
+    if "base_to_novel" in metrics:
+        print(f"          base-to-novel {metrics['base_to_novel']}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 from clipdistill import report
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["world", "teacher", "generator", "prompts", "text_features", "synthesize", "distill", "evaluate"]
+STAGES = ["world", "teacher", "student_clip", "generator", "prompts", "text_features", "synthesize", "distill", "evaluate"]
 
 pytestmark = pytest.mark.e2e
 
@@ -53,6 +53,10 @@ def test_repro_runs_every_stage_and_writes_metrics(project):
     for model in ("teacher", "student"):
         assert set(metrics[model]) == {"photo", "sketch", "mean"}
         assert all(0 <= v <= 1 for v in metrics[model].values())
+    assert set(metrics["student_zero_shot"]) == {"photo", "sketch", "mean"}
+    assert set(metrics["base_to_novel"]) == {"base", "novel", "hm"}
+    speed = json.loads((dst / "artifacts/eval/speed.json").read_text())
+    assert speed["student"]["gflops_per_image"] > 0 and speed["teacher"]["images_per_s"] > 0
     assert (dst / "artifacts/synth/preview.png").is_file()
     assert len(list((dst / "artifacts/synth/shards").glob("shard_*.pt"))) == 3  # 9 prompts / shard_size 4
     assert not (dst / "artifacts/.synth.work").exists()
@@ -67,12 +71,12 @@ def test_second_repro_reruns_nothing(project):
 def test_distill_param_reruns_only_distill_and_evaluate(project):
     dst, _ = project
     before = json.loads((dst / "artifacts/eval/metrics.json").read_text())
-    text = (dst / "params.yaml").read_text().replace("  epochs: 1\n  batch_size: 4", "  epochs: 2\n  batch_size: 4")
+    text = (dst / "params.yaml").read_text().replace("  epochs: 1\n  batch_size: 3", "  epochs: 2\n  batch_size: 3")
     (dst / "params.yaml").write_text(text)
     out = run(["dvc", "repro"], dst).stdout
     assert ran_stages(out) == ["distill", "evaluate"]
     # and back: the same params give the same metrics (determinism), restored from the run cache or rerun
-    (dst / "params.yaml").write_text(text.replace("  epochs: 2\n  batch_size: 4", "  epochs: 1\n  batch_size: 4"))
+    (dst / "params.yaml").write_text(text.replace("  epochs: 2\n  batch_size: 3", "  epochs: 1\n  batch_size: 3"))
     run(["dvc", "repro", "--force", "-s", "distill"], dst)
     run(["dvc", "repro", "--force", "-s", "evaluate"], dst)
     after = json.loads((dst / "artifacts/eval/metrics.json").read_text())
@@ -103,7 +107,8 @@ def test_bad_param_fails_with_one_line_and_writes_nothing(project):
     good = params.read_text()
     params.write_text(good + "bogus_key: 1\n")
     try:
-        proc = run([sys.executable, "stages/distill.py", "--synth", "artifacts/synth", "--teacher", "artifacts/teacher",
+        proc = run([sys.executable, "stages/distill.py", "--synth", "artifacts/synth", "--world", "artifacts/world",
+                    "--teacher", "artifacts/teacher", "--student_clip", "artifacts/student_clip",
                     "--text_features", "artifacts/text_features", "--out", "artifacts/student_bad"], dst, check=False)
     finally:
         params.write_text(good)
@@ -143,3 +148,21 @@ def test_interrupted_synthesis_resumes_from_finished_shards(project):
         a = torch.load(resumed / name, weights_only=True)["images"]
         b = torch.load(dst / "artifacts/synth/shards" / name, weights_only=True)["images"]
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("sets", [
+    ["distill.student=kdpl", "distill.class_agnostic=true", "distill.loss=symmetric_kl"],
+    ["distill.student=promptkd", "distill.images=world", "distill.loss=promptkd"],
+], ids=["kdpl-class-agnostic-synthetic", "promptkd-unlabeled-world"])
+def test_prompt_students_run_as_experiments(project, sets):
+    dst, _ = project
+    run(["git", "add", "-A"], dst)
+    run(["git", "commit", "-qm", "locked"], dst, check=False)
+    args = [a for s in sets for a in ("-S", s)]
+    out = run(["dvc", "exp", "run", "--temp", *args], dst)
+    assert ran_stages(out.stdout) == ["distill", "evaluate"]
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], dst).stdout)
+    rows = [r for r in report.experiments(shown) if r["params"]["distill"]["student"] == sets[0].split("=")[1]]
+    assert rows, "the experiment's metrics are visible to dvc exp show"
+    m = rows[0]["metrics"][report.METRICS]
+    assert set(m["base_to_novel"]) == {"base", "novel", "hm"} and 0 <= m["student"]["mean"] <= 1

@@ -2,6 +2,7 @@
 
     dvc exp show --json | python -m clipdistill.report            # one row per experiment
     dvc exp show --json | python -m clipdistill.report --by prompts.method
+    dvc exp show --json | python -m clipdistill.report --students   # students x image sources
 
 Columns: the swept param (`--by`), student accuracy per evaluation domain, mean, worst domain,
 prompt diversity and image diversity (mean pairwise cosine distance of the prompts' text features
@@ -17,6 +18,7 @@ import sys
 METRICS = "artifacts/eval/metrics.json"
 PROMPT_METRICS = "artifacts/prompts/metrics.json"
 SYNTH_METRICS = "artifacts/synth/metrics.json"
+SPEED = "artifacts/eval/speed.json"
 
 
 def _files(block: dict | None) -> dict:
@@ -72,15 +74,49 @@ def table(rows: list[dict], by: str = "prompts.method") -> str:
     return "\n".join(lines)
 
 
+def student_table(rows: list[dict]) -> str:
+    """Markdown for the students comparison: one line per experiment (distill.student x
+    distill.images) plus the smaller CLIP's zero-shot line, with mean and worst-domain accuracy,
+    base / novel / HM, parameters, GFLOPs and speed relative to the teacher."""
+    if not rows:
+        raise ValueError(f"no experiment has {METRICS}; run `dvc exp run` first")
+    head = ["student", "images", "experiment", "mean", "worst", "base", "novel", "HM", "params", "GFLOPs",
+            "speed vs teacher"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def fmt(v, spec=".3f"):
+        return "-" if v is None else format(v, spec)
+
+    def line(student, images, name, acc, b2n, speed):
+        domains = [v for k, v in acc.items() if k != "mean"]
+        cells = [student, images, name, fmt(acc.get("mean")), fmt(min(domains) if domains else None),
+                 *(fmt((b2n or {}).get(k)) for k in ("base", "novel", "hm")),
+                 fmt((speed or {}).get("parameters"), ","), fmt((speed or {}).get("gflops_per_image"), ".4f"),
+                 fmt((speed or {}).get("speedup"), ".2f")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+
+    zero_shot = next((r for r in rows if "student_zero_shot" in r["metrics"][METRICS]), None)
+    if zero_shot is not None:
+        line("zero-shot smaller CLIP", "-", zero_shot["name"], zero_shot["metrics"][METRICS]["student_zero_shot"],
+             None, None)
+    for r in rows:
+        m, speed = r["metrics"][METRICS], r["metrics"].get(SPEED, {})
+        student_speed = dict(speed.get("student", {}), speedup=speed.get("student_speedup"))
+        line(str(_get(r["params"], "distill.student")), str(_get(r["params"], "distill.images")), r["name"],
+             m["student"], m.get("base_to_novel"), student_speed)
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", nargs="?", help="file with `dvc exp show --json` output (default: stdin)")
     ap.add_argument("--by", default="prompts.method", help="dotted params key shown first")
+    ap.add_argument("--students", action="store_true", help="the students table (issue: prompt-learning students)")
     args = ap.parse_args(argv)
     text = open(args.json).read() if args.json else sys.stdin.read()
     try:
         rows = experiments(json.loads(text))
-        print(table(rows, args.by))
+        print(student_table(rows) if args.students else table(rows, args.by))
     except (ValueError, KeyError) as exc:
         sys.exit(f"error: {exc}")
 

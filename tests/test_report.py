@@ -45,3 +45,15 @@ def test_missing_diversity_is_a_dash_and_no_experiment_is_an_error(capsys, tmp_p
     path.write_text(json.dumps([rev("w", "vanilla", {}, eval_error=True)]))
     with pytest.raises(SystemExit, match="no experiment has artifacts/eval/metrics.json"):
         report.main([str(path)])
+
+
+def test_student_table_has_zero_shot_row_and_base_novel_and_speed():
+    r = rev("kdpl-world", "vanilla", {"photo": 0.8, "sketch": 0.6, "mean": 0.7})
+    m = r["data"]["metrics"]
+    m[report.METRICS]["data"].update(student_zero_shot={"photo": 0.5, "sketch": 0.3, "mean": 0.4},
+                                     base_to_novel={"base": 0.9, "novel": 0.6, "hm": 0.72})
+    m[report.SPEED] = {"data": {"student": {"parameters": 1234, "gflops_per_image": 0.01}, "student_speedup": 2.5}}
+    r["data"]["params"]["params.yaml"]["data"]["distill"] = {"student": "kdpl", "images": "world"}
+    md = report.student_table(report.experiments([r])).splitlines()
+    assert md[2] == "| zero-shot smaller CLIP | - | kdpl-world | 0.400 | 0.300 | - | - | - | - | - | - |"
+    assert md[3] == "| kdpl | world | kdpl-world | 0.700 | 0.600 | 0.900 | 0.600 | 0.720 | 1,234 | 0.0100 | 2.50 |"

@@ -85,6 +85,7 @@ class MixPromptParams:
 @dataclass(frozen=True)
 class RandomPromptParams:
     scale: float = 1.0             # multiplies the fitted per-dimension std
+    fit_words: str = ""            # fit to these words' token rows (a word-list file); empty = every row
 
 
 @dataclass(frozen=True)

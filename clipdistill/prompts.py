@@ -167,11 +167,18 @@ class RandomPrompt:
     def __init__(self, params):
         self.template = params.style_template
         self.scale = params.random.scale
+        # The paper fits every row. A teacher trained on a small vocabulary (the embedded one)
+        # leaves most rows at their random init; `fit_words` fits the rows of words it knows.
+        self.fit_words = load_styles(params.random.fit_words) if params.random.fit_words else None
 
     @torch.no_grad()
     def generate(self, teacher, classes: list[str], per_class: int, generator: torch.Generator) -> PromptSet:
         enc = StyleTemplate(teacher, self.template, classes)
-        mean, std = fit_gaussian(embedding_table(teacher.model))
+        table = embedding_table(teacher.model)
+        if self.fit_words:
+            ids = sorted({i for w in self.fit_words for i in teacher._tokenizer.encode(w)})
+            table = table[torch.tensor(ids, device=table.device)]
+        mean, std = fit_gaussian(table)
         labels = balanced_labels(len(classes), per_class)
         s_star = sample_gaussian(mean, std, len(labels), generator, self.scale)
         return _styled_set(self.name, enc, labels, s_star, [f"random #{i}" for i in range(len(labels))])

@@ -359,3 +359,21 @@ def test_prompts_stage_writes_metrics(teacher, tmp_path, monkeypatch):
     assert set(metrics) == {"mean", *CLASSES} and 0 < metrics["mean"] < 2
     table, feats = load_prompts(tmp_path / "prompts")
     assert len(table) == 9 and feats.shape == (9, 16) and set(table["method"]) == {"mix"}
+
+
+def test_random_prompt_fit_words_fits_only_those_rows(tmp_path):
+    import dataclasses
+
+    from clipdistill.params import PromptsParams, RandomPromptParams
+    from clipdistill.prompts import RandomPrompt, fit_gaussian
+
+    words = tmp_path / "words.txt"
+    words.write_text("neon\nmosaic\n")
+    teacher = build_embedded_teacher(TeacherParams(embed_dim=16, vision_width=8, text_width=32, text_layers=1,
+                                                   text_heads=1), 32)
+    method = RandomPrompt(dataclasses.replace(PromptsParams(), random=RandomPromptParams(fit_words=str(words))))
+    ids = sorted({i for w in ("neon", "mosaic") for i in teacher._tokenizer.encode(w)})
+    mean, std = fit_gaussian(teacher.model.token_embedding.weight[torch.tensor(ids)])
+    s = method.generate(teacher, ["circle", "star"], 2000, torch.Generator().manual_seed(0)).s_star
+    assert torch.allclose(s.mean(0), mean, atol=4 * float(std.max()) / 60)
+    assert torch.allclose(s.std(0), std, rtol=0.1)

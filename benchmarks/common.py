@@ -1,0 +1,49 @@
+"""What every benchmark script shares: the device choice, the line naming the machine, and timing.
+
+Figures are only comparable on the same machine, so each script prints `machine_line` first and
+the figure is recorded with it.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import torch
+
+from clipdistill.runtime import setup_torch
+
+
+def add_device_args(parser) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
+                        help="where to run (auto: cuda when torch sees a GPU)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0 = torch's default)")
+
+
+def resolve_device(args) -> torch.device:
+    """The pipeline's own device setup (clipdistill.runtime.setup_torch), so figures match its runs."""
+    return setup_torch(args.device, args.threads)
+
+
+def machine_line(device: torch.device) -> str:
+    """One line naming the hardware and software a figure was taken on."""
+    cpu = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), " \
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"machine: {props.name} ({props.total_memory / 2**30:.0f} GiB), {cpu}"
+    return f"machine: cpu only, {cpu}"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    """Wall-clock seconds of `fn()`, with queued GPU work finished before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start

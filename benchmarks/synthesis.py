@@ -1,0 +1,141 @@
+"""Throughput of batched VQGAN-CLIP synthesis against the reference one-image-at-a-time loop.
+
+Measures (images x optimisation steps) per second of `clipdistill.synthesis.synthesize_batch`
+optimising B latents in one forward/backward pass per step, against the same function called
+with B = 1 for each image in turn (what the reference VQGAN-CLIP notebooks do), at equal steps,
+cutouts and image size. Weights are random: throughput does not depend on them.
+
+  --setting embedded: the embedded default, built from params.yaml (teacher section: the small
+      conv-tower CLIP at world.image_size; generator section: the small VQGAN).
+  --setting real: open_clip ViT-B-32 (random weights, 224 px input) and a VQGAN with the shapes of
+      taming's vqgan_imagenet_f16_16384, decoding --image-size px images.
+
+Run from the repo root, e.g.
+  python benchmarks/synthesis.py --setting embedded
+  python benchmarks/synthesis.py --setting real --device cuda
+  python benchmarks/synthesis.py --setting embedded --batch 2 --steps 1   # smoke run
+The last line is the figure: `batched/loop speedup: N.Nx`.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from common import add_device_args, machine_line, resolve_device, synchronize, timed
+
+from clipdistill.clip_models import build_embedded_teacher, load_open_clip_teacher
+from clipdistill.evaluation import count_parameters
+from clipdistill.params import load_params
+from clipdistill.runtime import run_stage
+from clipdistill.synthesis import synthesize_batch
+from clipdistill.vqgan import VQGAN, VQGANConfig
+
+# taming-transformers' configs/vqgan_imagenet_f16_16384.yaml (model.params and its ddconfig).
+TAMING_F16_16384 = VQGANConfig(embed_dim=256, n_embed=16384, z_channels=256, resolution=256, ch=128,
+                               ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0)
+DEFAULTS = {  # per setting: batch, cutn, image size (None: params.yaml world.image_size)
+    "embedded": {"batch": 64, "cutn": 4, "image_size": None},
+    "real": {"batch": 8, "cutn": 8, "image_size": 256},
+}
+
+
+def build_models(args, device):
+    """(teacher, vqgan, image side in px, description), frozen and in eval mode on `device`."""
+    torch.manual_seed(args.seed)  # the random weights
+    if args.setting == "embedded":
+        p = load_params(args.params)
+        size = args.image_size or p.world.image_size
+        teacher = build_embedded_teacher(p.teacher, p.world.image_size)
+        g = p.generator
+        # As the generator stage builds it.
+        cfg = VQGANConfig(embed_dim=g.embed_dim, n_embed=g.n_embed, z_channels=g.embed_dim,
+                          resolution=p.world.image_size, ch=g.ch, ch_mult=tuple(g.ch_mult),
+                          num_res_blocks=g.num_res_blocks)
+        what = f"embedded teacher ({p.teacher.vision} tower, width {p.teacher.vision_width}, " \
+               f"{teacher.image_size} px), embedded VQGAN"
+    else:
+        size = args.image_size or DEFAULTS["real"]["image_size"]
+        teacher = load_open_clip_teacher("ViT-B-32", "")
+        # The config keeps the official resolution: taming places attention by it, and the
+        # convolutions decode any latent size, so smaller --image-size only shrinks the latents.
+        cfg = TAMING_F16_16384
+        what = f"open_clip ViT-B-32 (random weights, {teacher.image_size} px), VQGAN vqgan_imagenet_f16_16384 shapes"
+    vqgan = VQGAN(cfg)
+    f = vqgan.downsample_factor
+    if size % f:
+        raise SystemExit(f"--image-size {size} must be a multiple of the VQGAN's downsample factor {f}")
+    what += f" (f{f}, {cfg.n_embed} codes, {count_parameters(vqgan.decoder) / 1e6:.1f} M decoder parameters)"
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    vqgan = vqgan.to(device).eval().requires_grad_(False)
+    return teacher, vqgan, size, what
+
+
+def run(vqgan, teacher, targets, first_id: int, args, latent_hw, steps: int) -> torch.Tensor:
+    """One synthesize_batch call on targets [b, D]; image i's init depends on (seed, first_id + i) only."""
+    inits = [torch.Generator().manual_seed(args.seed * 1_000_003 + first_id + i) for i in range(len(targets))]
+    step_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + first_id ^ 0x5EED)
+    return synthesize_batch(vqgan, teacher, targets, steps=steps, lr=0.1, cutn=args.cutn, cut_pow=1.0,
+                            min_cut=0.5, augment=True, latent_hw=latent_hw, init_generators=inits,
+                            generator=step_gen)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=tuple(DEFAULTS), default="embedded")
+    parser.add_argument("--batch", type=int, help="prompts per batched call (default 64 embedded, 8 real)")
+    parser.add_argument("--steps", type=int, default=5, help="optimisation steps per image, both ways")
+    parser.add_argument("--cutn", type=int, help="cutouts per image per step (default 4 embedded, 8 real)")
+    parser.add_argument("--image-size", type=int,
+                        help="synthesised image side in px (default: world.image_size embedded, 256 real)")
+    parser.add_argument("--params", default="params.yaml", help="params file (embedded setting)")
+    parser.add_argument("--seed", type=int, default=0)
+    add_device_args(parser)
+    args = parser.parse_args()
+    for key in ("batch", "cutn"):
+        if getattr(args, key) is None:
+            setattr(args, key, DEFAULTS[args.setting][key])
+    if min(args.batch, args.steps, args.cutn) < 1:
+        raise SystemExit("--batch, --steps and --cutn must be >= 1")
+
+    device = resolve_device(args)
+    print(machine_line(device))
+    teacher, vqgan, size, what = build_models(args, device)
+    f = vqgan.downsample_factor
+    latent_hw = (size // f, size // f)
+    gen = torch.Generator().manual_seed(args.seed)
+    targets = F.normalize(torch.randn(args.batch, teacher.embed_dim, generator=gen), dim=-1).to(device)
+    print(f"setting {args.setting}: {what}")
+    print(f"{args.batch} images of {size} px (latents {latent_hw[0]}x{latent_hw[1]}), {args.steps} steps, "
+          f"{args.cutn} cutouts of {teacher.image_size} px per image per step, on {device}")
+
+    def batched():
+        run(vqgan, teacher, targets, 0, args, latent_hw, args.steps)
+
+    def loop():
+        for i in range(args.batch):
+            run(vqgan, teacher, targets[i:i + 1], i, args, latent_hw, args.steps)
+
+    # Warm-up at both call shapes (allocator, kernel selection, lazy init), one step each.
+    run(vqgan, teacher, targets, 0, args, latent_hw, 1)
+    run(vqgan, teacher, targets[:1], 0, args, latent_hw, 1)
+    synchronize(device)
+
+    rows = []
+    for name, fn, calls, per_call in (("batched", batched, 1, args.batch), ("loop", loop, args.batch, 1)):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = timed(fn, device)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        rows.append((name, calls, per_call, seconds, args.batch * args.steps / seconds, peak))
+
+    print(f"{'mode':<8} {'calls':>6} {'images/call':>12} {'seconds':>9} {'images*steps/s':>15}"
+          + (f" {'peak GiB':>9}" if device.type == "cuda" else ""))
+    for name, calls, per_call, seconds, rate, peak in rows:
+        print(f"{name:<8} {calls:>6} {per_call:>12} {seconds:>9.3f} {rate:>15.2f}"
+              + (f" {peak:>9.2f}" if peak is not None else ""))
+    print(f"batched/loop speedup: {rows[0][4] / rows[1][4]:.1f}x")
+
+
+if __name__ == "__main__":
+    run_stage(main)  # a user error (no GPU for --device cuda, bad params) is one line, exit 1

@@ -1,0 +1,56 @@
+"""The benchmark scripts on tiny params: each prints a table and ends with a figure computed from it.
+
+Only the embedded setting: the real one builds ViT-B-32 and an f16 VQGAN, too slow for the suite.
+"""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--setting", "embedded", "--params", "tests/tiny_params.yaml", "--device", "cpu", "--threads", "1"]
+
+
+def run_script(name: str, *args: str) -> list[str]:
+    proc = subprocess.run([sys.executable, f"benchmarks/{name}", *TINY, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("machine: ")
+    return lines
+
+
+def figure(line: str, label: str) -> float:
+    m = re.fullmatch(rf"{re.escape(label)}: (\d+\.\d)x", line)
+    assert m, line
+    return float(m.group(1))
+
+
+def test_synthesis_benchmark_reports_batched_over_loop_rate():
+    lines = run_script("synthesis.py", "--batch", "2", "--steps", "1", "--cutn", "1")
+    rows = {ln.split()[0]: ln.split() for ln in lines if ln.split()[0] in ("batched", "loop")}
+    # mode, calls, images/call, seconds, images*steps/s
+    assert rows["batched"][1:3] == ["1", "2"] and rows["loop"][1:3] == ["2", "1"]
+    ratio = float(rows["batched"][4]) / float(rows["loop"][4])
+    assert figure(lines[-1], "batched/loop speedup") == pytest.approx(ratio, abs=0.06)
+
+
+def test_student_speed_benchmark_reports_student_over_teacher_rate():
+    import torch
+
+    from clipdistill.evaluation import count_parameters
+    from clipdistill.params import load_params
+    from clipdistill.students import CnnStudent
+
+    lines = run_script("student_speed.py", "--batch", "2", "--reps", "1")
+    rows = [ln for ln in lines if ln.startswith(("teacher:", "student:"))]
+    assert len(rows) == 3  # teacher, CNN student, PromptKD student
+    rates = [float(r.split()[-2]) for r in rows]
+    # The CNN student's parameter count, as the distill stage would build it from these params.
+    p = load_params(ROOT / "tests" / "tiny_params.yaml")
+    cnn = CnnStudent(torch.randn(len(p.world.classes), p.teacher.embed_dim), 1.0, head=p.distill.head,
+                     width=p.distill.width, depth=p.distill.depth)
+    assert int(rows[1].split()[-4].replace(",", "")) == count_parameters(cnn)
+    assert figure(lines[-1], "student/teacher speedup") == pytest.approx(rates[1] / rates[0], abs=0.06)

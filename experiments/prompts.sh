@@ -2,9 +2,12 @@
 # The prompt-diversification table (README): the four prompts.method values as DVC experiments,
 # then the markdown table. Run from the repo root after `dvc repro`.
 set -euo pipefail
+# `dvc exp run` leaves its -S changes in the workspace's params.yaml: start each from the committed one.
+exp() { git checkout -- params.yaml; dvc exp run "$@"; }
 for m in vanilla mix random contrastive; do
-  dvc exp run -n "prompts-$m" -S "prompts.method=$m"
+  exp -n "prompts-$m" -S "prompts.method=$m"
 done
-dvc exp run -n prompts-mix-teacher-vocab -S prompts.method=mix -S prompts.mix.styles_file=clipdistill/assets/world_styles.txt
-dvc exp run -n prompts-random-teacher-vocab -S prompts.method=random -S prompts.random.fit_words=clipdistill/assets/world_styles.txt
+exp -n prompts-mix-teacher-vocab -S prompts.method=mix -S prompts.mix.styles_file=clipdistill/assets/world_styles.txt
+exp -n prompts-random-teacher-vocab -S prompts.method=random -S prompts.random.fit_words=clipdistill/assets/world_styles.txt
+git checkout -- params.yaml
 dvc exp show --json | python -m clipdistill.report --by prompts.method

@@ -17,7 +17,7 @@ from torch import nn
 
 from .clip_models import CLIP_MEAN, CLIP_STD, ClipTeacher, ConvImageTower, build_clip, load_open_clip_teacher
 from .losses import promptkd_loss  # noqa: F401  (PromptKD's loss lives with the others)
-from .runtime import PipelineError
+from .runtime import PipelineError, read_word_list
 from .text_encoder import encode_with_context
 
 DEFAULT_CLASSNAMES = Path(__file__).parent / "assets" / "classnames.txt"
@@ -340,21 +340,7 @@ def class_agnostic_logits(student: KDPLStudent, images: torch.Tensor, teacher_lo
 def load_classnames(path: str | Path = "") -> list[str]:
     """A class-name dictionary: one name per line, '#' starts a comment; empty path = the shipped
     clipdistill/assets/classnames.txt (KDPL-CA's stand-in for its ~21k-name dictionary)."""
-    path = Path(path) if str(path) else DEFAULT_CLASSNAMES
-    if not path.is_file():
-        raise PipelineError(f"class-name dictionary not found: {path}")
-    names = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
-    names = [n for n in names if n]
-    if not names:
-        raise PipelineError(f"class-name dictionary {path} is empty; list one class name per line")
-    seen, dupes = set(), []
-    for n in names:
-        if n in seen:
-            dupes.append(n)
-        seen.add(n)
-    if dupes:
-        raise PipelineError(f"class-name dictionary {path} lists {', '.join(sorted(set(dupes))[:5])} more than once")
-    return names
+    return read_word_list(Path(path) if str(path) else DEFAULT_CLASSNAMES, "class-name dictionary")
 
 
 # ---------------------------------------------------------------- checkpoints

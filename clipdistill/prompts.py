@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .runtime import PipelineError
+from .runtime import PipelineError, read_word_list
 from .text_encoder import StyleTemplate, embedding_table, encode_with_pseudo_word
 
 DEFAULT_STYLES = Path(__file__).parent / "assets" / "styles.txt"
@@ -84,17 +84,8 @@ class VanillaPrompt:
 
 def load_styles(path: str | Path = "") -> list[str]:
     """The style dictionary: one style per line, '#' starts a comment; empty path = the shipped one."""
-    path = Path(path) if str(path) else DEFAULT_STYLES
-    if not path.is_file():
-        raise PipelineError(f"style dictionary not found: {path} (set prompts.mix.styles_file)")
-    styles = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
-    styles = [s for s in styles if s]
-    if not styles:
-        raise PipelineError(f"style dictionary {path} is empty; list one style per line")
-    dupes = sorted({s for s in styles if styles.count(s) > 1})
-    if dupes:
-        raise PipelineError(f"style dictionary {path} lists {', '.join(dupes)} more than once")
-    return styles
+    return read_word_list(Path(path) if str(path) else DEFAULT_STYLES, "style dictionary",
+                          " (set prompts.mix.styles_file)")
 
 
 def mix_weights(n: int, k: int, alpha: float, generator: torch.Generator) -> torch.Tensor:

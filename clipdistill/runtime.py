@@ -103,3 +103,24 @@ def stage_args(description: str, *paths: str, optional: dict | None = None):
     for name, default in (optional or {}).items():
         parser.add_argument(f"--{name}", default=default)
     return parser.parse_args()
+
+
+def read_word_list(path, what: str, hint: str = "") -> list[str]:
+    """Entries of a one-per-line file ('#' starts a comment; blank lines skipped), in order.
+
+    A missing file, an empty list or a duplicate entry is a one-line PipelineError naming `what`
+    (e.g. "style dictionary") and the file; `hint` is appended to the not-found message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{what} not found: {path}{hint}")
+    items = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    items = [i for i in items if i]
+    if not items:
+        raise PipelineError(f"{what} {path} is empty; list one entry per line")
+    seen, dupes = set(), set()
+    for i in items:
+        (dupes if i in seen else seen).add(i)
+    if dupes:
+        raise PipelineError(f"{what} {path} lists {', '.join(sorted(dupes)[:5])} more than once")
+    return items

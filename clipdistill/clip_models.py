@@ -15,7 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .augment import flip_translate
-from .runtime import PipelineError
+from .runtime import PipelineError, read_checkpoint
 
 # OpenAI CLIP's preprocessing constants; the embedded teacher uses them too, so every teacher
 # takes the same [0, 1] input convention.
@@ -167,13 +167,8 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> ClipTe
     path = Path(path)
     if path.is_dir():
         path = path / "teacher.pt"
-    if not path.is_file():
-        raise PipelineError(f"teacher checkpoint not found: {path} (run the teacher stage)")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        spec = blob["spec"]
-    except Exception as exc:  # any unreadable file is one error to the user
-        raise PipelineError(f"teacher checkpoint {path} is unreadable: {type(exc).__name__}") from None
+    blob = read_checkpoint(path, "teacher checkpoint", "teacher", "spec")
+    spec = blob["spec"]
     if spec["kind"] == "embedded":
         model = build_clip(spec["config"])
         model.load_state_dict(blob["state_dict"])

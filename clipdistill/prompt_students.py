@@ -17,7 +17,7 @@ from torch import nn
 
 from .clip_models import CLIP_MEAN, CLIP_STD, ClipTeacher, ConvImageTower, build_clip, load_open_clip_teacher
 from .losses import promptkd_loss  # noqa: F401  (PromptKD's loss lives with the others)
-from .runtime import PipelineError, read_word_list
+from .runtime import PipelineError, read_checkpoint, read_word_list
 from .text_encoder import encode_with_context
 
 DEFAULT_CLASSNAMES = Path(__file__).parent / "assets" / "classnames.txt"
@@ -375,13 +375,12 @@ def save_prompt_student(student: PromptKDStudent | KDPLStudent, path: str | Path
 def load_prompt_student(path: str | Path, device: torch.device | str = "cpu") -> PromptKDStudent | KDPLStudent:
     """Rebuild a student save_prompt_student wrote, in eval mode on `device`."""
     path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"student checkpoint not found: {path} (run the distill stage)")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        kind = blob["kind"]
-    except Exception as exc:  # any unreadable file is one error to the user
-        raise PipelineError(f"student checkpoint {path} is unreadable: {type(exc).__name__}") from None
+    return prompt_student_from_checkpoint(read_checkpoint(path, "student checkpoint", "distill", "kind"), path, device)
+
+
+def prompt_student_from_checkpoint(blob: dict, path: Path, device: torch.device | str = "cpu"):
+    """Rebuild a prompt student from the already-read checkpoint `blob` (read from `path`)."""
+    kind = blob["kind"]
     if kind not in ("promptkd", "kdpl"):
         raise PipelineError(f"student checkpoint {path} holds a '{kind}' student, not a prompt student")
     try:

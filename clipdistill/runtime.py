@@ -124,3 +124,20 @@ def read_word_list(path, what: str, hint: str = "") -> list[str]:
     if dupes:
         raise PipelineError(f"{what} {path} lists {', '.join(sorted(dupes)[:5])} more than once")
     return items
+
+
+def read_checkpoint(path, what: str, stage: str, key: str) -> dict:
+    """torch.load(weights_only) of a checkpoint a stage wrote, which must hold `key`.
+
+    A missing file, an unreadable one or one without `key` is a one-line PipelineError naming
+    `what` ("student checkpoint") and the file; `stage` says which stage writes it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{what} not found: {path} (run the {stage} stage)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob[key]
+    except Exception as exc:  # any unreadable or foreign file is one error to the user
+        raise PipelineError(f"{what} {path} is unreadable: {type(exc).__name__}") from None
+    return blob

@@ -131,20 +131,14 @@ def load_student(path, device="cpu") -> nn.Module:
     """Any student `save_student` wrote (its `kind` picks the loader), in eval mode on `device`."""
     from pathlib import Path
 
-    from .runtime import PipelineError
+    from .runtime import PipelineError, read_checkpoint
 
     path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"student checkpoint not found: {path} (run the distill stage)")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        kind = blob["kind"]
-    except Exception as exc:  # any unreadable file is one error to the user
-        raise PipelineError(f"student checkpoint {path} is unreadable: {type(exc).__name__}") from None
-    if kind != "cnn":
-        from .prompt_students import load_prompt_student
+    blob = read_checkpoint(path, "student checkpoint", "distill", "kind")
+    if blob["kind"] != "cnn":
+        from .prompt_students import prompt_student_from_checkpoint
 
-        return load_prompt_student(path, device)
+        return prompt_student_from_checkpoint(blob, path, device)
     try:
         model = CnnStudent(blob["class_vectors"], blob["logit_scale"], head=blob["head"], width=blob["width"],
                            depth=blob["depth"])

@@ -133,21 +133,31 @@ def build_embedded_teacher(p, image_size: int) -> ClipTeacher:
     return ClipTeacher(model, image_size, p.context_length, {"kind": "embedded", "config": cfg})
 
 
+RANDOM_WEIGHTS = "random"  # `pretrained: random`: the architecture, randomly initialised (smoke tests, benchmarks)
+
+
 def load_open_clip_teacher(model_name: str, pretrained: str) -> ClipTeacher:
-    """An open_clip architecture with a pretrained tag (needs the hub cache) or a local file.
+    """An open_clip architecture with a pretrained tag (downloaded by open_clip, or from its
+    cache), a local checkpoint file, or `random` weights.
 
     OpenAI weights were trained with QuickGELU; open_clip only switches it on for `-quickgelu`
-    names, so a local OpenAI file or the `openai` tag forces it here.
+    names, so the `openai` tag or a local file whose name contains "openai" forces it here.
     """
-    is_file = Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors"} or "/" in pretrained
+    if model_name not in open_clip.list_models():
+        raise PipelineError(f"unknown open_clip model {model_name!r} (see open_clip.list_models())")
+    is_file = Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors", ".ckpt"} or "/" in pretrained
     if is_file and not Path(pretrained).is_file():
-        raise PipelineError(f"teacher checkpoint not found: {pretrained} (download it and set teacher.pretrained)")
+        raise PipelineError(f"CLIP checkpoint not found: {pretrained} (download the {model_name} weights to this "
+                            "path, or set pretrained to an open_clip tag)")
     quick = pretrained == "openai" or (is_file and "openai" in Path(pretrained).name.lower())
+    weights = None if pretrained == RANDOM_WEIGHTS else pretrained
     try:
-        model = open_clip.create_model(model_name, pretrained=pretrained or None, force_quick_gelu=quick)
-    except RuntimeError as exc:
+        model = open_clip.create_model(model_name, pretrained=weights, force_quick_gelu=quick)
+    except Exception as exc:  # hub errors (offline), unknown tags and unreadable files alike: one line
+        hint = ("" if is_file else f"; offline, download the {model_name} '{pretrained}' weights and set "
+                "pretrained to the file's path")
         raise PipelineError(f"cannot load open_clip {model_name} with pretrained={pretrained!r}: "
-                            f"{str(exc).splitlines()[0]}") from None
+                            f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}{hint}") from None
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     return ClipTeacher(model, int(size), model.context_length,

@@ -5,7 +5,19 @@ import time
 
 import torch
 
+from .runtime import autocast
 from .training import predict
+
+
+def with_autocast(fn, device: torch.device, dtype: torch.dtype | None):
+    """`fn` run under autocast at `dtype` (bf16 on CUDA by default), logits returned as fp32."""
+    if dtype is None:
+        return fn
+
+    def run(x):
+        with autocast(device, dtype):
+            return fn(x).float()
+    return run
 
 
 def domain_accuracies(model_logits, domains: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int,

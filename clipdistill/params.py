@@ -20,6 +20,8 @@ class ParamsError(ValueError):
 @dataclass(frozen=True)
 class WorldParams:
     classes: list[str]
+    source: str = "embedded"       # embedded (render the procedural world) | folder (a PACS-style folder)
+    root: str = ""                 # source folder: <root>/<domain>/<class>/* images, evaluated per domain
     image_size: int = 32
     eval_domains: list[str] = field(default_factory=lambda: ["photo", "painting", "cartoon", "sketch"])
     train_styles: list[str] = field(default_factory=list)
@@ -130,6 +132,7 @@ class TextFeaturesParams:
 @dataclass(frozen=True)
 class DistillParams:
     student: str = "cnn"
+    backbone: str = "cifar_resnet"  # cnn student: cifar_resnet (width, depth) | resnet18 (torchvision, 224 px)
     head: str = "projection"
     loss: str = "kl"
     depth: int = 2
@@ -163,6 +166,7 @@ class EvalDataset:
 @dataclass(frozen=True)
 class EvalParams:
     batch_size: int = 256
+    speed_batch: int = 64          # batch of the images/s measurement (speed.json)
     datasets: list[EvalDataset] = field(default_factory=list)
 
 
@@ -179,12 +183,16 @@ class Params:
     student_clip: StudentClipParams = field(default_factory=StudentClipParams)
     seed: int = 0
     device: str = "cpu"
+    precision: str = "auto"
     threads: int = 0
 
 
 # Allowed values of the keys that pick among implementations; the registries live next to the code.
 CHOICES = {
     "device": ("cpu", "cuda", "auto"),
+    "precision": ("auto", "fp32", "bf16"),
+    "world.source": ("embedded", "folder"),
+    "distill.backbone": ("cifar_resnet", "resnet18"),
     "teacher.source": ("embedded", "open_clip"),
     "teacher.vision": ("convnet", "vit"),
     "generator.source": ("embedded", "taming"),
@@ -203,7 +211,7 @@ POSITIVE = {
     "prompts.contrastive.steps", "prompts.contrastive.lr", "prompts.contrastive.temperature",
     "prompts.contrastive.batch_size", "synthesize.batch_size", "synthesize.shard_size", "synthesize.steps",
     "synthesize.cutn", "distill.epochs", "distill.batch_size", "distill.width", "distill.depth",
-    "distill.temperature", "eval.batch_size", "distill.topk", "distill.kd_weight", "distill.n_ctx",
+    "distill.temperature", "eval.batch_size", "eval.speed_batch", "distill.topk", "distill.kd_weight", "distill.n_ctx",
     "student_clip.embed_dim", "student_clip.epochs", "student_clip.batch_size", "student_clip.context_length",
 }
 NON_NEGATIVE = {"prompts.contrastive.bank_size", "prompts.contrastive.content_weight", "distill.n_prompts",
@@ -289,8 +297,10 @@ def _check_values(p: Params) -> None:
         items = get(key)
         if len(set(items)) != len(items):
             raise ParamsError(f"params key '{key}' has duplicate entries")
+    if p.world.source == "folder":
+        _check_folder_world(p)
     missing = [d for d in p.world.eval_domains if d not in p.world.train_styles]
-    if p.teacher.source == "embedded" and missing:
+    if p.world.source == "embedded" and p.teacher.source == "embedded" and missing:
         raise ParamsError(f"params key 'world.train_styles' lacks evaluated domain(s) {', '.join(missing)}")
     for key in ("prompts.template", "prompts.contrastive.content_template"):
         if "{}" not in get(key):
@@ -320,6 +330,22 @@ def _check_values(p: Params) -> None:
     if p.generator.source == "taming" and not (p.generator.taming_config and p.generator.taming_checkpoint):
         raise ParamsError("params keys 'generator.taming_config' and 'generator.taming_checkpoint' are "
                           "required when generator.source is taming")
+
+
+def _check_folder_world(p: Params) -> None:
+    """world.source folder: a real dataset replaces the rendered world, so nothing may train on
+    the world's captions (there are none) and the world's unlabeled train split does not exist."""
+    if not p.world.root:
+        raise ParamsError("params key 'world.root' must name the image folder (<root>/<domain>/<class>/*) "
+                          "when world.source is folder")
+    for key in ("teacher", "student_clip", "generator"):
+        if getattr(p, key).source == "embedded" and (key != "student_clip" or p.distill.student != "cnn"):
+            want = "taming" if key == "generator" else "open_clip"
+            raise ParamsError(f"params key '{key}.source' is embedded, which trains on the rendered world; "
+                              f"with world.source folder set it to {want}")
+    if p.distill.images == "world":
+        raise ParamsError("params key 'distill.images' is world, the rendered world's train split; with "
+                          "world.source folder give synthetic or the path of an unlabeled image folder")
 
 
 def parse_params(raw: dict) -> Params:

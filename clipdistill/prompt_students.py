@@ -316,11 +316,17 @@ def select_topk_classes(teacher_probs: torch.Tensor, k: int) -> torch.Tensor:
 
     teacher_probs [B, C_all] -> LongTensor [k] of class ids, in ascending order (KDPL takes an
     unordered argpartition; sorting makes k = C_all return 0..C-1, i.e. plain KDPL exactly).
+    Under torchrun the mean is over the global batch (all ranks' slices), so every rank scores
+    the same k classes, as one process would.
     """
     n = teacher_probs.shape[1]
     if not 1 <= k <= n:
         raise ValueError(f"top-k of {k} classes out of {n}: k must be within 1..{n}")
-    return teacher_probs.mean(0).topk(k).indices.sort().values
+    mean = teacher_probs.float().mean(0)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(mean)
+        mean /= torch.distributed.get_world_size()
+    return mean.topk(k).indices.sort().values
 
 
 def class_agnostic_logits(student: KDPLStudent, images: torch.Tensor, teacher_logits: torch.Tensor, k: int):

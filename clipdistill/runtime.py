@@ -11,6 +11,8 @@ import os
 import random
 import shutil
 import sys
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,67 @@ def setup_torch(device: str, threads: int) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise PipelineError("device is 'cuda' but torch sees no CUDA GPU; set device: cpu or auto")
     return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """`auto | fp32 | bf16` -> the autocast dtype, or None for plain fp32.
+
+    auto is bf16 on CUDA (tensor cores; no loss scaling needed, unlike fp16) and fp32 on CPU, where
+    bf16 autocast is slower on most processors and fp32 keeps runs bit-reproducible.
+    """
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """A fresh autocast context for `device` at `dtype` (a no-op when dtype is None)."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def channels_last(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Channels-last weights on CUDA, where cuDNN convolutions run faster in NHWC; unchanged on CPU."""
+    return module.to(memory_format=torch.channels_last) if device.type == "cuda" else module
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun launch: rank 0 of 1 when started plainly."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the process group torchrun set up (RANK / WORLD_SIZE / LOCAL_RANK in the environment).
+
+    CUDA: NCCL, one GPU per process (cuda:LOCAL_RANK). CPU: gloo. Plain `python stage.py` is
+    world size 1 and touches nothing. The timeout is long because ranks wait for each other only
+    at the end of a stage, after hours of synthesis on real models.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), device
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=timedelta(hours=12))
+    return Dist(rank, world), device
 
 
 @contextlib.contextmanager

@@ -49,6 +49,34 @@ class ResNetBackbone(nn.Module):
         return F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1)
 
 
+class ResNet18Backbone(nn.Module):
+    """torchvision's ResNet-18 (ImageNet layout: 7x7 stem, 4 stages, 11.2M parameters) without its
+    classifier, randomly initialised: the paper setting's student at 224 px. [B, 3, H, W] -> [B, 512]."""
+
+    def __init__(self):
+        super().__init__()
+        import torchvision
+
+        net = torchvision.models.resnet18(weights=None)
+        net.fc = nn.Identity()
+        self.net = net
+        self.out_dim = 512
+
+    def forward(self, x):
+        return self.net(x)
+
+
+BACKBONES = {"cifar_resnet": ResNetBackbone, "resnet18": ResNet18Backbone}
+
+
+def build_backbone(name: str, width: int, depth: int) -> nn.Module:
+    if name == "cifar_resnet":
+        return ResNetBackbone(width, depth)
+    if name == "resnet18":
+        return ResNet18Backbone()
+    raise ValueError(f"unknown distill.backbone '{name}'; choose one of {', '.join(BACKBONES)}")
+
+
 class CnnStudent(nn.Module):
     """ResNet student with a projection head (PromptKD's shared class vectors) or a linear head.
 
@@ -58,9 +86,11 @@ class CnnStudent(nn.Module):
     """
 
     def __init__(self, class_vectors: torch.Tensor, logit_scale: float, head: str = "projection",
-                 width: int = 32, depth: int = 2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)):
+                 width: int = 32, depth: int = 2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                 backbone: str = "cifar_resnet"):
         super().__init__()
-        self.backbone = ResNetBackbone(width, depth)
+        self.backbone_name, self.width, self.depth = backbone, width, depth
+        self.backbone = build_backbone(backbone, width, depth)
         n_cls, embed_dim = class_vectors.shape
         self.head_kind = head
         if head == "projection":
@@ -92,7 +122,8 @@ def build_student(p, class_vectors: torch.Tensor, logit_scale: float, classes: l
     over `small_clip` (a ClipTeacher: the smaller pretrained CLIP), see prompt_students.py.
     """
     if p.student == "cnn":
-        return CnnStudent(class_vectors, logit_scale, head=p.head, width=p.width, depth=p.depth)
+        return CnnStudent(class_vectors, logit_scale, head=p.head, width=p.width, depth=p.depth,
+                          backbone=p.backbone)
     from .prompt_students import KDPLStudent, PromptKDStudent
 
     if small_clip is None:
@@ -122,8 +153,8 @@ def save_student(student: nn.Module, path) -> None:
         from .prompt_students import save_prompt_student
 
         return save_prompt_student(student, path)
-    torch.save({"kind": "cnn", "head": student.head_kind, "width": student.backbone.stem[0].out_channels,
-                "depth": len(student.backbone.layers) // 3, "logit_scale": student.logit_scale,
+    torch.save({"kind": "cnn", "head": student.head_kind, "backbone": student.backbone_name,
+                "width": student.width, "depth": student.depth, "logit_scale": student.logit_scale,
                 "class_vectors": student.class_vectors, "state_dict": student.state_dict()}, path)
 
 
@@ -141,7 +172,7 @@ def load_student(path, device="cpu") -> nn.Module:
         return prompt_student_from_checkpoint(blob, path, device)
     try:
         model = CnnStudent(blob["class_vectors"], blob["logit_scale"], head=blob["head"], width=blob["width"],
-                           depth=blob["depth"])
+                           depth=blob["depth"], backbone=blob.get("backbone", "cifar_resnet"))
         model.load_state_dict(blob["state_dict"])
     except Exception as exc:  # any mismatched file is one error to the user
         raise PipelineError(f"student checkpoint {path} is unreadable or incompatible: {type(exc).__name__}") from None

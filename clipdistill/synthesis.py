@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .runtime import autocast
+
 
 def vector_quantize(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Nearest codebook row forward, straight-through gradient backward.
@@ -122,13 +124,16 @@ def decode_latents(vqgan, z: torch.Tensor) -> torch.Tensor:
 
 def synthesize_batch(vqgan, teacher, targets: torch.Tensor, *, steps: int, lr: float, cutn: int,
                      cut_pow: float, min_cut: float, augment: bool, latent_hw: tuple[int, int],
-                     init_generators: list[torch.Generator], generator: torch.Generator) -> torch.Tensor:
+                     init_generators: list[torch.Generator], generator: torch.Generator,
+                     amp_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Optimise one VQGAN latent per target text feature so the teacher sees that text.
 
     targets: unit-norm [B, D] text features. Each step decodes all B latents, takes `cutn`
     cutouts per image, and minimises the mean spherical distance between the cutouts' teacher
     features and each image's own target; Adam on z, then z is clamped to the codebook's
-    per-channel range. Returns images [B, 3, H, W] in [0, 1] (detached).
+    per-channel range. With `amp_dtype` (bf16 on CUDA) decoding and the teacher run under
+    autocast; the latents, Adam and the loss stay fp32. Returns images [B, 3, H, W] in [0, 1]
+    (detached, fp32).
     """
     codebook = vqgan.codebook.detach()
     b = targets.shape[0]
@@ -137,16 +142,17 @@ def synthesize_batch(vqgan, teacher, targets: torch.Tensor, *, steps: int, lr: f
     z_max = codebook.max(0).values.view(1, -1, 1, 1)
     opt = torch.optim.Adam([z], lr=lr)
     for _ in range(steps):
-        x = decode_latents(vqgan, z)
-        cuts = make_cutouts(x, cutn, teacher.image_size, cut_pow=cut_pow, min_frac=min_cut,
-                            augment=augment, generator=generator)
-        feats = teacher.encode_image(cuts.flatten(0, 1)).view(b, cutn, -1)
+        with autocast(z.device, amp_dtype):
+            x = decode_latents(vqgan, z)
+            cuts = make_cutouts(x, cutn, teacher.image_size, cut_pow=cut_pow, min_frac=min_cut,
+                                augment=augment, generator=generator)
+            feats = teacher.encode_image(cuts.flatten(0, 1)).view(b, cutn, -1)
         # Sum over images (each latent only sees its own term), mean over cutouts.
-        loss = spherical_distance(feats, targets[:, None]).mean(1).sum()
+        loss = spherical_distance(feats.float(), targets[:, None]).mean(1).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():
             z.copy_(torch.maximum(torch.minimum(z, z_max), z_min))
-    with torch.no_grad():
-        return decode_latents(vqgan, z).detach()
+    with torch.no_grad(), autocast(z.device, amp_dtype):
+        return decode_latents(vqgan, z).detach().float()

@@ -1,7 +1,8 @@
 """VQGAN image prior for synthesis: taming-transformers' encoder/decoder without Lightning or the GAN loss.
 
-Holds the model, a small CPU-friendly reconstruction trainer, PSNR evaluation, our own checkpoint format and a
-loader for the official taming release (YAML config + Lightning .ckpt) whose state_dict keys load unchanged.
+Holds the model (nearest-neighbour "vq" or "gumbel" codebook), a small CPU-friendly reconstruction trainer, PSNR
+evaluation, our own checkpoint format, and a loader for official taming-transformers releases (YAML config +
+Lightning .ckpt of a VQModel or GumbelVQ) whose state_dict keys load unchanged, without pytorch-lightning.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import contextlib
 import io
 import math
 import os
+import pickle
 import tempfile
+import types
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -34,6 +37,8 @@ __all__ = [
 ]
 
 _GROUPNORM_GROUPS = 32  # taming's Normalize() is GroupNorm(32, C)
+# VQGANConfig fields that describe the quantizer; every other field is a taming ddconfig key.
+_QUANTIZER_FIELDS = ("embed_dim", "n_embed", "beta", "quantizer", "kl_weight")
 
 
 @dataclass
@@ -42,7 +47,10 @@ class VQGANConfig:
 
     resolution: input side in pixels; ``len(ch_mult) - 1`` stride-2 stages give the downsample factor f.
     ch * m for every m in ch_mult must be a multiple of 32 (GroupNorm(32) inside taming's blocks).
-    beta: commitment-loss weight (taming hard-codes 0.25).
+    quantizer: "vq" (nearest codebook row, taming's VQModel) or "gumbel" (a 1x1 conv predicts logits over the
+    codes, taming's GumbelVQ; needs embed_dim == z_channels like the original).
+    beta: commitment-loss weight of "vq" (taming hard-codes 0.25).
+    kl_weight: weight of the KL-to-uniform-prior term of "gumbel" (GumbelVQ's default 1e-8).
     """
 
     embed_dim: int = 32
@@ -57,7 +65,9 @@ class VQGANConfig:
     attn_resolutions: tuple = ()
     dropout: float = 0.0
     double_z: bool = False
+    quantizer: str = "vq"
     beta: float = 0.25
+    kl_weight: float = 1e-8
 
     def __post_init__(self) -> None:
         # YAML / checkpoints hand us lists; tuples keep the config hashable and asdict() stable.
@@ -67,7 +77,7 @@ class VQGANConfig:
     def ddconfig(self) -> dict:
         """Keyword arguments for taming's Encoder/Decoder."""
         d = asdict(self)
-        for k in ("embed_dim", "n_embed", "beta"):
+        for k in _QUANTIZER_FIELDS:
             d.pop(k)
         return d
 
@@ -87,6 +97,15 @@ class _VectorQuantizer(nn.Module):
         self.embedding = nn.Embedding(n_embed, embed_dim)
         self.embedding.weight.data.uniform_(-1.0 / n_embed, 1.0 / n_embed)
 
+    @classmethod
+    def from_config(cls, cfg: VQGANConfig) -> "_VectorQuantizer":
+        return cls(cfg.n_embed, cfg.embed_dim, cfg.beta)
+
+    @property
+    def codebook(self) -> Tensor:
+        """[n_embed, embed_dim]: the rows that quantised latents are made of."""
+        return self.embedding.weight
+
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """z [B, D, h, w] -> (z_q [B, D, h, w] straight-through, loss scalar, indices [B, h, w] int64)."""
         b, d, h, w = z.shape
@@ -102,8 +121,53 @@ class _VectorQuantizer(nn.Module):
         return zq.contiguous(), loss, idx.view(b, h, w)
 
 
+class _GumbelQuantizer(nn.Module):
+    """taming's GumbelQuantize at inference: a 1x1 conv gives logits over the codes, the top code's row is z_q.
+
+    Parameter names (``proj``, ``embed``) match official GumbelVQ checkpoints: ``quantize.proj.weight``
+    [n_embed, in_channels, 1, 1], ``quantize.proj.bias`` [n_embed], ``quantize.embed.weight`` [n_embed, embed_dim].
+    taming draws the code with Gumbel noise even in eval mode; this takes the most likely code, so encoding is
+    deterministic. With a gradient (z.requires_grad) the backward pass goes through softmax(logits) (straight-
+    through, temperature 1); there is no temperature schedule, so train_vqgan does not train this quantizer.
+    """
+
+    def __init__(self, in_channels: int, n_embed: int, embed_dim: int, kl_weight: float) -> None:
+        super().__init__()
+        self.n_embed, self.embed_dim, self.kl_weight = n_embed, embed_dim, kl_weight
+        self.proj = nn.Conv2d(in_channels, n_embed, 1)
+        self.embed = nn.Embedding(n_embed, embed_dim)
+
+    @classmethod
+    def from_config(cls, cfg: VQGANConfig) -> "_GumbelQuantizer":
+        # as in GumbelVQ: proj reads z_channels, applied to quant_conv's output (so embed_dim == z_channels)
+        return cls(cfg.z_channels, cfg.n_embed, cfg.embed_dim, cfg.kl_weight)
+
+    @property
+    def codebook(self) -> Tensor:
+        """[n_embed, embed_dim]: the rows that quantised latents are made of."""
+        return self.embed.weight
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """z [B, C, h, w] -> (z_q [B, embed_dim, h, w], KL loss scalar, indices [B, h, w] int64)."""
+        logits = self.proj(z)
+        idx = logits.argmax(1)
+        zq = F.embedding(idx, self.embed.weight).permute(0, 3, 1, 2)
+        probs = logits.softmax(1)
+        # taming's prior term: KL(q || uniform over the codes), weighted by kl_weight
+        loss = self.kl_weight * (probs * torch.log(probs * self.n_embed + 1e-10)).sum(1).mean()
+        if z.requires_grad:  # otherwise keep z_q bit-exact codebook rows
+            soft = torch.einsum("bnhw,nd->bdhw", probs, self.embed.weight)
+            zq = zq + (soft - soft.detach())
+        return zq.contiguous(), loss, idx
+
+
+# quantizer name in VQGANConfig -> module; both expose n_embed, codebook and forward(z) -> (z_q, loss, idx)
+_QUANTIZERS: dict[str, type[nn.Module]] = {"vq": _VectorQuantizer, "gumbel": _GumbelQuantizer}
+
+
 class VQGAN(nn.Module):
-    """taming's VQModel without Lightning or loss: encoder, quant_conv, quantize, post_quant_conv, decoder.
+    """taming's VQModel / GumbelVQ without Lightning or loss: encoder, quant_conv, quantize, post_quant_conv,
+    decoder.
 
     Attribute names match taming, so official ``state_dict`` keys (minus ``loss.*``) load directly.
     Images are [B, in_channels, H, W] in [-1, 1]; latents are [B, embed_dim, H/f, W/f] with
@@ -119,7 +183,7 @@ class VQGAN(nn.Module):
         self.encoder = Encoder(**dd)
         with contextlib.redirect_stdout(io.StringIO()):  # taming's Decoder prints the z shape on construction
             self.decoder = Decoder(**dd)
-        self.quantize = _VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.beta)
+        self.quantize = _QUANTIZERS[cfg.quantizer].from_config(cfg)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
         self._init_weights()
@@ -135,18 +199,19 @@ class VQGAN(nn.Module):
 
     @property
     def codebook(self) -> Tensor:
-        """The quantizer's embedding weight, [n_embed, embed_dim] (a live parameter, not a copy)."""
-        return self.quantize.embedding.weight
+        """The codebook, [n_embed, embed_dim] (a live parameter, not a copy): ``quantize.embedding.weight`` for
+        "vq", ``quantize.embed.weight`` for "gumbel". Every quantised latent vector is one of its rows."""
+        return self.quantize.codebook
 
     def encode_continuous(self, x: Tensor) -> Tensor:
         """x [B, 3, H, W] in [-1, 1] -> pre-quantisation latents z_e [B, embed_dim, H/f, W/f]."""
         return self.quant_conv(self.encoder(x))
 
     def vector_quantize(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Snap continuous latents to the codebook (straight-through gradient to z).
+        """Quantise continuous latents with the model's quantizer (straight-through gradient to z).
 
-        z [B, embed_dim, h, w] -> (z_q same shape, qloss scalar, indices [B, h, w] int64). Used by
-        synthesis that optimises latents directly (VQGAN-CLIP style).
+        z [B, embed_dim, h, w] -> (z_q same shape made of codebook rows, qloss scalar, indices [B, h, w] int64).
+        "vq" picks the nearest codebook row, "gumbel" the code with the largest predicted logit.
         """
         return self.quantize(z)
 
@@ -170,6 +235,13 @@ class VQGAN(nn.Module):
 
 
 def _validate_config(cfg: VQGANConfig) -> None:
+    if cfg.quantizer not in _QUANTIZERS:
+        raise ValueError(f"VQGANConfig: quantizer {cfg.quantizer!r} is not one of {sorted(_QUANTIZERS)}")
+    if cfg.quantizer == "gumbel" and cfg.embed_dim != cfg.z_channels:
+        # GumbelQuantize's proj conv takes z_channels inputs but is applied to quant_conv's embed_dim outputs
+        raise ValueError(
+            f"VQGANConfig: quantizer 'gumbel' needs embed_dim == z_channels, got {cfg.embed_dim} and {cfg.z_channels}"
+        )
     bad = [m for m in cfg.ch_mult if (cfg.ch * m) % _GROUPNORM_GROUPS]
     if bad or cfg.ch % _GROUPNORM_GROUPS:
         raise ValueError(
@@ -210,7 +282,7 @@ def train_vqgan(
     restart_every: int = 100,
     callback: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train ``model`` in place to reconstruct ``images``; returns the total loss of every step.
+    """Train a quantizer "vq" ``model`` in place to reconstruct ``images``; returns the total loss of every step.
 
     images: [N, 3, H, W], uint8 in [0, 255] or float in [0, 1]; mapped to [-1, 1] batch by batch on the
     model's device. Loss per step = L1 + MSE (both on [-1, 1] pixels) + codebook/commitment loss. There is
@@ -229,6 +301,9 @@ def train_vqgan(
     """
     if steps < 0 or batch_size < 1:
         raise ValueError(f"train_vqgan: need steps >= 0 and batch_size >= 1, got {steps}, {batch_size}")
+    if model.cfg.quantizer != "vq":
+        # dead-code restarts move codebook rows towards encoder outputs, which only revives nearest-neighbour codes
+        raise ValueError(f"train_vqgan: trains quantizer 'vq' models only, got {model.cfg.quantizer!r}")
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"train_vqgan: images must be a non-empty [N, C, H, W] tensor, got {tuple(images.shape)}")
     device = _model_device(model)
@@ -285,7 +360,7 @@ def _restart_dead_codes(
         return 0
     candidates = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
     pick = torch.randint(0, candidates.shape[0], (dead.numel(),), generator=gen).to(candidates.device)
-    weight = quantizer.embedding.weight
+    weight = quantizer.codebook
     weight[dead] = candidates[pick].to(weight.dtype)
     state = opt.state.get(weight, {})
     for key in ("exp_avg", "exp_avg_sq"):
@@ -357,7 +432,7 @@ def load_checkpoint(path: str | os.PathLike) -> VQGAN:
     """
     path = Path(path)
     if not path.is_file():
-        raise MissingCheckpointError(f"VQGAN checkpoint {path} does not exist (train it with the vqgan stage)")
+        raise MissingCheckpointError(f"VQGAN checkpoint {path} does not exist (the generator stage writes it)")
     try:
         # our own format holds only tensors and plain containers, so the safe loader suffices
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -384,87 +459,186 @@ def _config_from_dict(d: dict) -> VQGANConfig:
 
 
 def _load_state(model: VQGAN, state_dict: dict, path: Path) -> None:
+    """Strictly load ``state_dict`` into ``model``; a mismatch raises a one-line CheckpointError naming ``path``."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong_shape = [
+        f"{k} {list(v.shape)} in the file vs {list(own[k].shape)} from the config"
+        for k, v in sorted(state_dict.items())
+        if k in own and isinstance(v, Tensor) and v.shape != own[k].shape
+    ]
+    problems = [
+        f"{what} {_first(items)}"
+        for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", wrong_shape))
+        if items
+    ]
+    if problems:
+        raise CheckpointError(f"VQGAN weights in {path} do not fit the config: {'; '.join(problems)}")
     try:
         model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        own = set(model.state_dict())
-        missing = sorted(own - set(state_dict))
-        unexpected = sorted(set(state_dict) - own)
-        detail = f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}" if missing or unexpected else ""
-        raise CheckpointError(
-            f"VQGAN weights in {path} do not fit the config: {detail or _one_line(exc)[:300]}"
-        ) from exc
+    except RuntimeError as exc:  # e.g. a value that is not a tensor
+        raise CheckpointError(f"VQGAN weights in {path} do not load: {_one_line(exc)[:300]}") from exc
+
+
+def _first(items: list, n: int = 5) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(map(str, items[:n])) + more
 
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+# ------------------------------------------------------------------------------ official taming releases
+
+# The releases listed in taming-transformers' README (link name -> table row) that this loader reads.
+_TAMING_RELEASES = {
+    "vqgan_imagenet_f16_1024": "VQGAN ImageNet (f=16), 1024",
+    "vqgan_imagenet_f16_16384": "VQGAN ImageNet (f=16), 16384",
+    "vqgan_gumbel_f8": "VQGAN OpenImages (f=8), 8192, GumbelQuantization",
+}
+# model.target of a release config -> VQGANConfig.quantizer
+_TAMING_TARGETS = {"taming.models.vqgan.VQModel": "vq", "taming.models.vqgan.GumbelVQ": "gumbel"}
 # Architecture-changing ddconfig keys this module does not implement, with the only value it supports.
 _DDCONFIG_FIXED = {"resamp_with_conv": True, "give_pre_end": False, "tanh_out": False}
+# Lightning checkpoints pickle callback classes (e.g. the ModelCheckpoint state is keyed by its class); objects
+# from these packages are read as placeholders without importing them.
+_PLACEHOLDER_PACKAGES = frozenset({"pytorch_lightning", "lightning", "lightning_fabric"})
 
 
 def load_taming_checkpoint(config_path: str | os.PathLike, ckpt_path: str | os.PathLike) -> VQGAN:
     """Load an official taming-transformers release: YAML config + Lightning .ckpt -> CPU VQGAN (eval mode).
 
-    The YAML must have ``model.params.{embed_dim, n_embed, ddconfig}`` (parsed with pyyaml). The .ckpt is
-    read with ``torch.load(weights_only=False)``, which can execute code: only pass trusted files. Its
-    ``state_dict`` is loaded strictly after dropping the training-only ``loss.*`` keys (discriminator,
-    LPIPS). VectorQuantizer and VectorQuantizer2 checkpoints share the ``quantize.embedding.weight`` key and
-    both load; Gumbel and remapped-codebook models raise NotImplementedError.
+    config_path: the release's ``model.yaml``; ``model.target`` must be ``taming.models.vqgan.VQModel``
+    (quantizer "vq": VectorQuantizer / VectorQuantizer2 checkpoints, key ``quantize.embedding.weight``) or
+    ``taming.models.vqgan.GumbelVQ`` (quantizer "gumbel": keys ``quantize.proj.*`` and ``quantize.embed.weight``).
+    ``model.params.{embed_dim, n_embed, ddconfig}`` give the architecture (``kl_weight`` too for GumbelVQ);
+    ``lossconfig``, ``temperature_scheduler_config``, ``monitor``, ``sane_index_shape`` and ``legacy`` only
+    matter for training and are ignored, so nothing is built that would download LPIPS/VGG weights.
+    ``remap`` must be null.
 
-    Raises FileNotFoundError naming a missing file, ValueError for malformed files.
+    ckpt_path: the release's ``last.ckpt``. It is unpickled with ``weights_only=False``, which can execute code:
+    only pass trusted files. pytorch-lightning is neither needed nor imported: pickled Lightning objects (callback
+    states) come back as inert placeholders. The ``state_dict`` (or a bare state dict) is loaded strictly after
+    dropping the training-only ``loss.*`` keys (discriminator, LPIPS); other Lightning keys are ignored.
+
+    Raises FileNotFoundError naming a missing file and the release to download, ValueError (one line, naming
+    the file) for malformed configs and for unreadable or non-matching checkpoints, NotImplementedError for
+    configs this module cannot represent.
     """
+    config_path, ckpt_path = Path(config_path), Path(ckpt_path)
+    for path, what in ((config_path, "config"), (ckpt_path, "checkpoint")):
+        if not path.is_file():
+            raise _missing_release_file(path, what)
+    cfg = _taming_config(config_path)
+    try:
+        model = VQGAN(cfg)
+    except ValueError as exc:
+        raise ValueError(f"taming config {config_path}: unusable architecture: {_one_line(exc)}") from exc
+    _load_state(model, _lightning_state_dict(ckpt_path), ckpt_path)
+    return model.eval()
+
+
+def _missing_release_file(path: Path, what: str) -> MissingCheckpointError:
+    release = _guess_release(path)
+    if release:
+        source = f"the official taming-transformers release {release} (README row '{_TAMING_RELEASES[release]}')"
+    else:
+        source = f"an official taming-transformers release (one of {', '.join(_TAMING_RELEASES)})"
+    name = "model.yaml" if what == "config" else "last.ckpt"
+    return MissingCheckpointError(
+        f"taming VQGAN {what} {path} does not exist: download {name} of {source} and save it as exactly this path"
+    )
+
+
+def _guess_release(path: Path) -> str | None:
+    """Release name from a path like ``<release>.ckpt`` or ``<release>/configs/model.yaml``, if one matches."""
+    for part in (path.stem, *(parent.name for parent in path.parents)):
+        for name in _TAMING_RELEASES:
+            # the Gumbel release is also kept as vqgan_gumbel_f8_8192.*
+            if part == name or part.startswith(name + "_"):
+                return name
+    return None
+
+
+def _taming_config(path: Path) -> VQGANConfig:
+    """Parse a release ``model.yaml`` into a VQGANConfig (not yet validated: VQGAN() does that)."""
     import yaml  # local: only this loader needs it
 
-    config_path, ckpt_path = Path(config_path), Path(ckpt_path)
-    for p, what in ((config_path, "config (.yaml)"), (ckpt_path, "checkpoint (.ckpt)")):
-        if not p.is_file():
-            raise FileNotFoundError(
-                f"taming VQGAN {what} not found at {p}: download the official taming-transformers release "
-                f"file and place it at exactly this path"
-            )
     try:
-        raw = yaml.safe_load(config_path.read_text())
-        target = str(raw["model"].get("target", ""))
+        raw = yaml.safe_load(path.read_text())
+        target = str(raw["model"]["target"])
         params = raw["model"]["params"]
         ddconfig = dict(params["ddconfig"])
         n_embed, embed_dim = int(params["n_embed"]), int(params["embed_dim"])
-    except (yaml.YAMLError, KeyError, TypeError, AttributeError, ValueError) as exc:
+        kl_weight = float(params.get("kl_weight", 1e-8))  # GumbelVQ's default
+    except (yaml.YAMLError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
         raise ValueError(
-            f"taming config {config_path} is not in the official layout "
-            f"(model.params.{{embed_dim,n_embed,ddconfig}}): {_one_line(exc)}"
+            f"taming config {path} is not in the official layout "
+            f"(model.target, model.params.{{embed_dim,n_embed,ddconfig}}): {_one_line(exc)}"
         ) from exc
-
-    if "Gumbel" in target or "GumbelQuantize" in yaml.safe_dump(params):
+    if target not in _TAMING_TARGETS:
         raise NotImplementedError(
-            f"taming config {config_path}: GumbelQuantize models ({target}) are not supported yet; "
-            "use a VectorQuantizer release such as vqgan_imagenet_f16_1024"
+            f"taming config {path}: model.target {target} is not supported (supported: {', '.join(_TAMING_TARGETS)})"
         )
     if params.get("remap") is not None:
-        raise NotImplementedError(f"taming config {config_path}: codebook remapping ('remap') is not supported yet")
+        raise NotImplementedError(f"taming config {path}: codebook remapping ('remap') is not supported")
     for key, supported in _DDCONFIG_FIXED.items():
         if key in ddconfig and bool(ddconfig[key]) != supported:
-            raise NotImplementedError(f"taming config {config_path}: ddconfig {key}={ddconfig[key]} is not supported")
-
-    known = {f.name for f in fields(VQGANConfig)} - {"embed_dim", "n_embed", "beta"}
+            raise NotImplementedError(f"taming config {path}: ddconfig {key}={ddconfig[key]} is not supported")
+    known = {f.name for f in fields(VQGANConfig)} - set(_QUANTIZER_FIELDS)
     # taming's Encoder/Decoder swallow unknown kwargs too, so ignoring the rest matches its behaviour
     cfg_kwargs = {k: v for k, v in ddconfig.items() if k in known}
     try:
-        cfg = VQGANConfig(embed_dim=embed_dim, n_embed=n_embed, **cfg_kwargs)
-        model = VQGAN(cfg)
+        return VQGANConfig(
+            embed_dim=embed_dim, n_embed=n_embed, quantizer=_TAMING_TARGETS[target], kl_weight=kl_weight, **cfg_kwargs
+        )
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"taming config {config_path}: unusable ddconfig: {_one_line(exc)}") from exc
+        raise ValueError(f"taming config {path}: unusable ddconfig: {_one_line(exc)}") from exc
 
+
+def _lightning_state_dict(path: Path) -> dict[str, Tensor]:
+    """The model weights of a Lightning .ckpt (or of a bare pickled state dict), without ``loss.*`` keys."""
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"taming checkpoint {ckpt_path} is unreadable or corrupt: {_one_line(exc)}") from exc
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PLACEHOLDER_PICKLE)
+    except Exception as exc:  # pickle, zip and torch errors alike: whatever it is, the file is unusable
+        raise CheckpointError(f"taming checkpoint {path} is unreadable or corrupt: {_one_line(exc)[:300]}") from exc
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"taming checkpoint {ckpt_path} holds no state_dict")
-    state = {k: v for k, v in state.items() if not k.startswith("loss.")}
-    if "quantize.embed.weight" in state or "quantize.proj.weight" in state:
-        raise NotImplementedError(f"taming checkpoint {ckpt_path}: GumbelQuantize weights are not supported yet")
-    _load_state(model, state, ckpt_path)
-    return model.eval()
+    if not isinstance(state, dict) or not state:
+        found = sorted(map(str, ckpt))[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"taming checkpoint {path} holds no state_dict (found {found})")
+    return {k: v for k, v in state.items() if not str(k).startswith("loss.")}
+
+
+class _Placeholder(dict):
+    """Stands in for a pickled object whose class is not imported; a dict so pickled dict subclasses load too.
+
+    Only the state_dict of a checkpoint is used, so whatever these held (callback states) is dropped.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__()
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+class _PlaceholderUnpickler(pickle.Unpickler):
+    """Unpickler that never imports Lightning and replaces classes that cannot be imported by placeholders."""
+
+    def find_class(self, module: str, name: str):
+        if module.split(".")[0] not in _PLACEHOLDER_PACKAGES:
+            try:
+                return super().find_class(module, name)
+            except (ImportError, AttributeError):
+                pass
+        return type(name, (_Placeholder,), {"__module__": module})
+
+
+# the ``pickle_module`` torch.load unpickles with: it needs Unpickler, load and __name__
+_PLACEHOLDER_PICKLE = types.SimpleNamespace(
+    __name__=f"{__name__}._PLACEHOLDER_PICKLE",
+    Unpickler=_PlaceholderUnpickler,
+    load=lambda file, **kwargs: _PlaceholderUnpickler(file, **kwargs).load(),
+)

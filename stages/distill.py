@@ -8,6 +8,8 @@ distill.images: synthetic (data-free, the default) | world (the world's train im
 discarded) | a folder of unlabeled images.
 With distill.base_to_novel, a second student trains on the first half of the classes only
 (student_b2n.pt) for the base-to-novel evaluation.
+Under torchrun (`torchrun --nproc_per_node N stages/distill.py ...`) the student trains with
+DistributedDataParallel, distill.batch_size being the global batch; rank 0 writes the output.
 """
 from pathlib import Path
 
@@ -18,7 +20,8 @@ from clipdistill.data import load_shards, load_unlabeled_folder
 from clipdistill.losses import get_loss
 from clipdistill.params import load_params
 from clipdistill.prompt_students import class_agnostic_logits, load_classnames
-from clipdistill.runtime import PipelineError, atomic_dir, run_stage, seed_everything, setup_torch, stage_args, write_json
+from clipdistill.runtime import (Dist, PipelineError, atomic_dir, channels_last, init_distributed, resolve_precision,
+                                 run_stage, seed_everything, setup_torch, stage_args, write_json)
 from clipdistill.students import build_student, save_student, set_classes
 from clipdistill.text import class_vectors as text_class_vectors
 from clipdistill.text import load_class_vectors
@@ -39,11 +42,11 @@ def training_images(p, args) -> tuple[torch.Tensor, torch.Tensor]:
     return load_unlabeled_folder(root, list(p.world.classes), p.world.image_size)
 
 
-def train_student(p, classes, vectors, images, teacher, small_clip, gen, device, log=None):
+def train_student(p, classes, vectors, images, teacher, small_clip, gen, device, log=None, dist: Dist = Dist()):
     """One student over `classes` (teacher class vectors `vectors` [C, D]) on `images`."""
     d = p.distill
     student = build_student(d, vectors.cpu(), teacher.logit_scale, classes, small_clip, gen)
-    student.to(device)
+    channels_last(student.to(device), device)
     step = None
     if d.student == "kdpl":
         # KDPL: teacher logits at the student's logit scale (100 for pretrained CLIPs).
@@ -53,13 +56,14 @@ def train_student(p, classes, vectors, images, teacher, small_clip, gen, device,
             target = text_class_vectors(teacher, names, DICTIONARY_TEMPLATES).to(device)
             student.set_classnames(names)
             k = min(d.topk, len(names))
-            step = lambda x, t: class_agnostic_logits(student, x, t, k)[:2]  # noqa: E731
+            step = lambda model, x, t: class_agnostic_logits(model, x, t, k)[:2]  # noqa: E731
         teacher_logits = lambda x: student.logit_scale * teacher.encode_image(x) @ target.t()  # noqa: E731
     else:
         teacher_logits = lambda x: teacher.logits(x, vectors)  # noqa: E731
     distill(student, teacher_logits, images, get_loss(d.loss, d.kd_weight), temperature=d.temperature,
             epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay, augment=d.augment,
-            generator=gen, device=device, log=log, student_step=step)
+            generator=gen, device=device, log=log, student_step=step,
+            amp_dtype=resolve_precision(p.precision, device), dist=dist)
     set_classes(student, classes, vectors.cpu())  # KDPL-CA: back from the dictionary to the task's classes
     return student.cpu()
 
@@ -68,7 +72,7 @@ def main():
     args = stage_args(__doc__, "synth", "world", "teacher", "student_clip", "text_features", "out")
     p = load_params(args.params)
     d = p.distill
-    device = setup_torch(p.device, p.threads)
+    dist, device = init_distributed(setup_torch(p.device, p.threads))
     gen = seed_everything(p.seed)
     images, labels = training_images(p, args)
     teacher = load_teacher(args.teacher, device)
@@ -77,7 +81,7 @@ def main():
     classes, vectors = list(cv["classes"]), cv["features"].to(device)
     history = []
     student = train_student(p, classes, vectors, images, teacher, small_clip, gen, device,
-                            log=lambda epoch, loss: history.append({"epoch": epoch, "loss": loss}))
+                            log=lambda epoch, loss: history.append({"epoch": epoch, "loss": loss}), dist=dist)
     b2n = None
     if d.base_to_novel:
         n_base = len(classes) // 2
@@ -87,7 +91,11 @@ def main():
         if keep.sum() < d.batch_size:
             raise PipelineError(f"distill.base_to_novel: only {int(keep.sum())} training images belong to the base "
                                 f"classes {classes[:n_base]} (a folder must be <root>/<domain>/<class>/*)")
-        b2n = train_student(p, classes[:n_base], vectors[:n_base], images[keep], teacher, small_clip, gen, device)
+        b2n = train_student(p, classes[:n_base], vectors[:n_base], images[keep], teacher, small_clip, gen, device,
+                            dist=dist)
+    dist.close()
+    if not dist.main:
+        return
     with atomic_dir(args.out) as tmp:
         save_student(student, tmp / "student.pt")
         if b2n is not None:

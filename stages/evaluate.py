@@ -10,18 +10,19 @@ of the metrics that must be reproducible).
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from clipdistill.clip_models import load_teacher
-from clipdistill.data import load_domain_folder
+from clipdistill.data import load_domain_folder, world_test_root
 from clipdistill.evaluation import (count_parameters, domain_accuracies, gflops_per_image, harmonic_mean,
-                                    images_per_second, pooled_accuracy)
+                                    images_per_second, pooled_accuracy, with_autocast)
 from clipdistill.params import load_params
-from clipdistill.runtime import atomic_dir, run_stage, setup_torch, stage_args, write_json
+from clipdistill.runtime import atomic_dir, channels_last, resolve_precision, run_stage, setup_torch, stage_args, write_json
 from clipdistill.students import load_student, set_classes
 from clipdistill.text import class_vectors, load_class_vectors
 
 
-def base_to_novel(student, classes, vectors, data, batch_size, device) -> dict:
+def base_to_novel(student, classes, vectors, data, batch_size, device, amp) -> dict:
     """PromptKD/KDPL's protocol: a student trained on the base half of the classes, scored on
     base-class images among the base classes and on novel-class images among the novel ones."""
     n_base = len(classes) // 2
@@ -29,7 +30,7 @@ def base_to_novel(student, classes, vectors, data, batch_size, device) -> dict:
     for split, keep in (("base", list(range(n_base))), ("novel", list(range(n_base, len(classes))))):
         set_classes(student, [classes[i] for i in keep], vectors[keep].cpu())
         student.to(device)
-        out[split] = round(pooled_accuracy(student, data, keep, batch_size, device), 4)
+        out[split] = round(pooled_accuracy(with_autocast(student, device, amp), data, keep, batch_size, device), 4)
     out["hm"] = round(harmonic_mean(out["base"], out["novel"]), 4)
     return out
 
@@ -38,32 +39,33 @@ def main():
     args = stage_args(__doc__, "world", "teacher", "student_clip", "text_features", "student", "out")
     p = load_params(args.params)
     device = setup_torch(p.device, p.threads)
+    amp = resolve_precision(p.precision, device)
     teacher = load_teacher(args.teacher, device)
     vectors = load_class_vectors(args.text_features)["features"].to(device)
-    student = load_student(Path(args.student) / "student.pt", device)
+    student = channels_last(load_student(Path(args.student) / "student.pt", device), device)
     classes = list(p.world.classes)
     # The smaller CLIP the prompt students start from, scored zero-shot: the row they must beat.
     small_clip = load_teacher(args.student_clip, device)
     small_vectors = class_vectors(small_clip, classes, p.text_features.templates).to(device)
 
-    def teacher_logits(x):
-        return teacher.logits(x, vectors)
+    teacher_logits = with_autocast(lambda x: teacher.logits(x, vectors), device, amp)
+    student_logits = with_autocast(student, device, amp)
+    zero_shot_logits = with_autocast(lambda x: small_clip.logits(x, small_vectors), device, amp)
 
-    datasets = {"world": (Path(args.world) / "test", p.world.eval_domains)}
+    datasets = {"world": (world_test_root(p, args.world), p.world.eval_domains)}
     datasets.update({d.name: (Path(d.path), None) for d in p.eval.datasets})
     metrics, rows, confusion = {}, [], None
     for name, (root, domains) in datasets.items():
         data = load_domain_folder(root, classes, p.world.image_size, domains)
         t_acc, _ = domain_accuracies(teacher_logits, data, p.eval.batch_size, device)
-        s_acc, s_pred = domain_accuracies(student, data, p.eval.batch_size, device)
+        s_acc, s_pred = domain_accuracies(student_logits, data, p.eval.batch_size, device)
         entry = {"teacher": t_acc, "student": s_acc}
-        entry["student_zero_shot"] = domain_accuracies(lambda x: small_clip.logits(x, small_vectors), data,
-                                                       p.eval.batch_size, device)[0]
+        entry["student_zero_shot"] = domain_accuracies(zero_shot_logits, data, p.eval.batch_size, device)[0]
         if name == "world":
             metrics.update(entry)
             if (Path(args.student) / "student_b2n.pt").is_file():
                 metrics["base_to_novel"] = base_to_novel(load_student(Path(args.student) / "student_b2n.pt", device),
-                                                         classes, vectors, data, p.eval.batch_size, device)
+                                                         classes, vectors, data, p.eval.batch_size, device, amp)
             confusion = pd.concat([pd.DataFrame({"actual": [classes[i] for i in data[dom][1].tolist()],
                                                  "predicted": [classes[i] for i in s_pred[dom].tolist()]})
                                    for dom in data])
@@ -74,11 +76,13 @@ def main():
                       "accuracy": a} for dom, a in acc.items()]
 
     size = p.world.image_size
-    speed = {"device": str(device), "batch": 64, "image_size": size}
+    bs = p.eval.speed_batch
+    speed = {"device": str(device), "precision": str(amp or torch.float32).replace("torch.", ""), "batch": bs,
+             "image_size": size}
     for model, fn, params in (("teacher", teacher.encode_image, count_parameters(teacher.model.visual)),
                               ("student", student, count_parameters(student))):
         speed[model] = {"parameters": params, "gflops_per_image": round(gflops_per_image(fn, size, device), 4),
-                        "images_per_s": round(images_per_second(fn, size, device), 1)}
+                        "images_per_s": round(images_per_second(with_autocast(fn, device, amp), size, device, batch=bs), 1)}
     speed["student_speedup"] = round(speed["student"]["images_per_s"] / speed["teacher"]["images_per_s"], 2)
     with atomic_dir(args.out) as tmp:
         write_json(tmp / "metrics.json", metrics)

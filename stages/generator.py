@@ -7,10 +7,12 @@ Reports reconstruction PSNR on the world's test images.
 """
 from pathlib import Path
 
-from clipdistill.data import load_captioned_split, load_domain_folder
+from clipdistill.data import load_captioned_split, load_domain_folder, world_test_root
 from clipdistill.params import load_params
 from clipdistill.runtime import atomic_dir, run_stage, seed_everything, setup_torch, stage_args, write_json
 from clipdistill.vqgan import VQGAN, VQGANConfig, load_taming_checkpoint, reconstruction_psnr, save_checkpoint, train_vqgan
+
+PSNR_IMAGES = 256
 
 
 def main():
@@ -31,8 +33,12 @@ def main():
         model = load_taming_checkpoint(g.taming_config, g.taming_checkpoint).to(device)
         cfg = model.cfg
         summary = {"source": "taming", "config": g.taming_config, "checkpoint": g.taming_checkpoint}
-    test = load_domain_folder(Path(args.world) / "test", list(p.world.classes), size, p.world.eval_domains)
-    psnr = {dom: round(reconstruction_psnr(model, imgs.float().div(255).to(device)), 2) for dom, (imgs, _) in test.items()}
+    test = load_domain_folder(world_test_root(p, args.world), list(p.world.classes), size, p.world.eval_domains)
+    # At most PSNR_IMAGES evenly spaced images per domain: a real dataset has thousands.
+    test = {dom: imgs[::max(1, len(imgs) // PSNR_IMAGES)][:PSNR_IMAGES] for dom, (imgs, _) in test.items()}
+    batch = max(1, 256 * 32 * 32 // (size * size))  # 256 images at 32 px, 5 at 224 px
+    psnr = {dom: round(reconstruction_psnr(model, imgs.float().div(255).to(device), batch), 2)
+            for dom, imgs in test.items()}
     psnr["mean"] = round(sum(psnr.values()) / len(psnr), 2)
     summary["psnr"] = psnr
     with atomic_dir(args.out) as tmp:

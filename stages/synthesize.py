@@ -2,6 +2,11 @@
 
 Writes <out>/shards/shard_*.pt, <out>/index.csv (shard, row, prompt_id, class, label, prompt,
 seed, teacher_confidence) and <out>/preview.png. Killing it and rerunning keeps finished shards.
+
+Under torchrun (`torchrun --nproc_per_node N stages/synthesize.py ...`) rank r synthesizes shards
+r, r + N, r + 2N, ... (one GPU each on CUDA); rank 0 waits for all, then assembles the output.
+Every image's latent init and every batch's cutout draws depend only on the seed and the prompt
+ids, so N processes write the same shards as one.
 """
 from pathlib import Path
 
@@ -13,7 +18,8 @@ from clipdistill.clip_models import load_teacher
 from clipdistill.diversity import diversity_report
 from clipdistill.params import load_params
 from clipdistill.prompts import load_prompts
-from clipdistill.runtime import atomic_dir, run_stage, setup_torch, stage_args, write_json
+from clipdistill.runtime import (atomic_dir, channels_last, init_distributed, resolve_precision, run_stage, setup_torch,
+                                 stage_args, write_json)
 from clipdistill.shards import finalize, load_shard, preview_grid, save_shard, shard_name, shard_ranges, work_key
 from clipdistill.synthesis import synthesize_batch
 from clipdistill.text import load_class_vectors
@@ -29,10 +35,11 @@ def main():
     args = stage_args(__doc__, "prompts", "generator", "teacher", "text_features", "out")
     p = load_params(args.params)
     s = p.synthesize
-    device = setup_torch(p.device, p.threads)
+    dist, device = init_distributed(setup_torch(p.device, p.threads))
+    amp = resolve_precision(p.precision, device)
     table, targets = load_prompts(args.prompts)
     teacher = load_teacher(args.teacher, device)
-    vqgan = load_vqgan(Path(args.generator) / "vqgan.pt").to(device).eval().requires_grad_(False)
+    vqgan = channels_last(load_vqgan(Path(args.generator) / "vqgan.pt").to(device).eval().requires_grad_(False), device)
     cv = load_class_vectors(args.text_features)
     class_vectors = cv["features"].to(device)
     targets = targets.to(device)
@@ -46,9 +53,12 @@ def main():
     work = out.with_name(f".{out.name}.work") / key
     work.mkdir(parents=True, exist_ok=True)
     ranges = shard_ranges(len(table), s.shard_size)
-    todo = [i for i in range(len(ranges)) if load_shard(work / shard_name(i)) is None]
-    print(f"synthesize: {len(ranges)} shards, {len(ranges) - len(todo)} already done (work key {key})")
-    bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in todo), desc="synthesize", unit="img", disable=None)
+    mine = [i for i in range(len(ranges)) if i % dist.world == dist.rank]
+    todo = [i for i in mine if load_shard(work / shard_name(i)) is None]
+    who = f"rank {dist.rank}/{dist.world}: " if dist.world > 1 else ""
+    print(f"synthesize: {who}{len(mine)} shards, {len(mine) - len(todo)} already done (work key {key})")
+    bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in todo), desc="synthesize", unit="img",
+               disable=None if dist.main else True)
     for i in todo:
         start, end = ranges[i]
         images, conf = [], []
@@ -58,7 +68,7 @@ def main():
             step_gen = torch.Generator().manual_seed(image_seed(p.seed, b0) ^ 0x5EED)
             x = synthesize_batch(vqgan, teacher, targets[ids], steps=s.steps, lr=s.lr, cutn=s.cutn,
                                  cut_pow=s.cut_pow, min_cut=s.min_cut, augment=s.augment,
-                                 latent_hw=latent_hw, init_generators=inits, generator=step_gen)
+                                 latent_hw=latent_hw, init_generators=inits, generator=step_gen, amp_dtype=amp)
             with torch.no_grad():
                 probs = teacher.logits(x, class_vectors).softmax(-1)
             labels = torch.tensor(table["label"].iloc[ids].to_numpy(), device=device)
@@ -69,6 +79,10 @@ def main():
                    seeds=torch.tensor([image_seed(p.seed, j) for j in range(start, end)]),
                    confidence=torch.cat(conf))
     bar.close()
+    dist.barrier()  # every rank's shards are on disk
+    if not dist.main:
+        dist.close()
+        return
 
     rows, all_images = [], []
     for i, (start, end) in enumerate(ranges):
@@ -94,6 +108,7 @@ def main():
         preview_grid(images, index["label"].tolist(), len(p.world.classes)).save(tmp / "preview.png")
         finalize(work, tmp, [shard_name(i) for i in range(len(ranges))])
     work.parent.rmdir() if not any(work.parent.iterdir()) else None
+    dist.close()
     print(f"synthesize: {len(index)} images; mean teacher confidence {metrics['teacher_confidence']:.3f}, "
           f"image diversity {metrics['image_diversity']['mean']:.4f}")
 

@@ -31,3 +31,16 @@ def test_bad_student_checkpoint(tmp_path):
     (tmp_path / "s.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(PipelineError, match="s.pt"):
         load_student(tmp_path / "s.pt")
+
+
+def test_resnet18_student_is_torchvisions_and_round_trips(tmp_path, gen):
+    vectors = F.normalize(torch.randn(3, 16, generator=gen), dim=-1)
+    s = CnnStudent(vectors, 100.0, backbone="resnet18").eval()
+    # torchvision's ResNet-18 has 11,689,512 parameters, 513,000 of them in the ImageNet classifier we drop
+    assert sum(p.numel() for p in s.backbone.parameters()) == 11_689_512 - 513_000
+    x = torch.rand(2, 3, 64, 64, generator=gen)
+    out = s(x)
+    assert out.shape == (2, 3)
+    save_student(s, tmp_path / "r18.pt")
+    again = load_student(tmp_path / "r18.pt")
+    assert again.backbone_name == "resnet18" and torch.equal(again(x), out)

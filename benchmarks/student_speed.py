@@ -73,7 +73,7 @@ def build_models(args):
                    promptkd, promptkd, count_parameters(promptkd))]
     else:
         size = REAL_IMAGE_SIZE
-        teacher = load_open_clip_teacher("ViT-B-32", "")
+        teacher = load_open_clip_teacher("ViT-B-32", "random")
         class_vectors = F.normalize(torch.randn(1000, teacher.embed_dim, generator=gen), dim=-1)
         student = resnet18_student(class_vectors, teacher.logit_scale)
         models = [("teacher: open_clip ViT-B-32 image tower", teacher, teacher.encode_image,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from common import add_device_args, machine_line, resolve_device, synchronize, timed
 
-from clipdistill.clip_models import build_embedded_teacher, load_open_clip_teacher
+from clipdistill.clip_models import build_embedded_teacher, fold_batchnorm, load_open_clip_teacher
 from clipdistill.evaluation import count_parameters
 from clipdistill.params import load_params
 from clipdistill.runtime import run_stage
@@ -56,7 +56,7 @@ def build_models(args, device):
                f"{teacher.image_size} px), embedded VQGAN"
     else:
         size = args.image_size or DEFAULTS["real"]["image_size"]
-        teacher = load_open_clip_teacher("ViT-B-32", "")
+        teacher = load_open_clip_teacher("ViT-B-32", "random")
         # The config keeps the official resolution: taming places attention by it, and the
         # convolutions decode any latent size, so smaller --image-size only shrinks the latents.
         cfg = TAMING_F16_16384
@@ -66,7 +66,7 @@ def build_models(args, device):
     if size % f:
         raise SystemExit(f"--image-size {size} must be a multiple of the VQGAN's downsample factor {f}")
     what += f" (f{f}, {cfg.n_embed} codes, {count_parameters(vqgan.decoder) / 1e6:.1f} M decoder parameters)"
-    teacher = teacher.to(device).eval().requires_grad_(False)
+    teacher = fold_batchnorm(teacher.to(device).eval().requires_grad_(False))  # as the synthesize stage does
     vqgan = vqgan.to(device).eval().requires_grad_(False)
     return teacher, vqgan, size, what
 

@@ -12,6 +12,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
 from .augment import flip_translate
@@ -46,6 +47,25 @@ class ConvImageTower(nn.Module):
 
     def forward(self, x):
         return self.proj(self.features(x).mean(dim=(2, 3)))
+
+
+def fold_batchnorm(teacher: "ClipTeacher") -> "ClipTeacher":
+    """Fold every BatchNorm of a frozen conv image tower into the convolution before it.
+
+    The same function (up to float rounding) with a third fewer ops per layer: synthesis
+    backpropagates through the frozen teacher at every step of every image. BN layers become
+    Identity so layer indices stay put. ViT towers (LayerNorm) are returned unchanged. In place.
+    """
+    visual = teacher.model.visual
+    if isinstance(visual, ConvImageTower):
+        layers = list(visual.features)
+        for i, (a, b) in enumerate(zip(layers[:-1], layers[1:])):
+            if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                if a.training or b.training:
+                    raise ValueError("fold_batchnorm needs a teacher in eval mode")
+                layers[i], layers[i + 1] = fuse_conv_bn_eval(a, b).requires_grad_(False), nn.Identity()
+        visual.features = nn.Sequential(*layers)
+    return teacher
 
 
 def build_clip(config: dict) -> open_clip.CLIP:
@@ -150,7 +170,7 @@ def load_open_clip_teacher(model_name: str, pretrained: str) -> ClipTeacher:
         raise PipelineError(f"CLIP checkpoint not found: {pretrained} (download the {model_name} weights to this "
                             "path, or set pretrained to an open_clip tag)")
     quick = pretrained == "openai" or (is_file and "openai" in Path(pretrained).name.lower())
-    weights = None if pretrained == RANDOM_WEIGHTS else pretrained
+    weights = None if pretrained in ("", RANDOM_WEIGHTS) else pretrained
     try:
         model = open_clip.create_model(model_name, pretrained=weights, force_quick_gelu=quick)
     except Exception as exc:  # hub errors (offline), unknown tags and unreadable files alike: one line

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from clipdistill.clip_models import load_teacher
+from clipdistill.clip_models import fold_batchnorm, load_teacher
 from clipdistill.diversity import diversity_report
 from clipdistill.params import load_params
 from clipdistill.prompts import load_prompts
@@ -38,7 +38,7 @@ def main():
     dist, device = init_distributed(setup_torch(p.device, p.threads))
     amp = resolve_precision(p.precision, device)
     table, targets = load_prompts(args.prompts)
-    teacher = load_teacher(args.teacher, device)
+    teacher = fold_batchnorm(load_teacher(args.teacher, device))  # frozen: BN folded into its convs
     vqgan = channels_last(load_vqgan(Path(args.generator) / "vqgan.pt").to(device).eval().requires_grad_(False), device)
     cv = load_class_vectors(args.text_features)
     class_vectors = cv["features"].to(device)

@@ -14,7 +14,7 @@ import pandas as pd
 
 from clipdistill.data import list_images, load_domain_folder
 from clipdistill.params import load_params
-from clipdistill.runtime import atomic_dir, run_stage, stage_args
+from clipdistill.runtime import PipelineError, atomic_dir, run_stage, stage_args
 from clipdistill.world import render_split
 
 
@@ -25,6 +25,9 @@ def main():
     with atomic_dir(args.out) as tmp:
         if w.source == "folder":
             root = Path(w.root)
+            if not root.is_dir():
+                raise PipelineError(f"image folder not found: {root} (world.root): download the dataset (for PACS, its "
+                                    f"kfold folder) and place it so that {root}/<domain>/<class>/ holds the images")
             # Reads every image once: a corrupt file fails here, with its name, not hours later.
             data = load_domain_folder(root, list(w.classes), 8, list(w.eval_domains))
             rows = [{"domain": dom, "class": cls, "path": str(f.relative_to(root)), "bytes": f.stat().st_size}

@@ -54,3 +54,21 @@ def test_multi_positive_loss_hand_formula_with_duplicate_captions(gen):
     logits = 10.0 * img @ txt.t()
     hand = 0.5 * (-(targets * logits.log_softmax(1)).sum(1).mean() - (targets * logits.t().log_softmax(1)).sum(1).mean())
     assert multi_positive_clip_loss(img, txt, tokens, torch.tensor(10.0)).item() == pytest.approx(hand.item(), rel=1e-5)
+
+
+@torch.no_grad()
+def test_fold_batchnorm_keeps_the_teachers_features(gen):
+    from clipdistill.clip_models import fold_batchnorm
+
+    torch.manual_seed(0)
+    t = build_embedded_teacher(tiny(), 16)
+    t.train()
+    for _ in range(3):  # give BatchNorm non-trivial running statistics
+        t.encode_image(torch.rand(8, 3, 16, 16, generator=gen))
+    t.eval().requires_grad_(False)
+    x = torch.rand(4, 3, 16, 16, generator=gen)
+    want = t.encode_image(x)
+    fold_batchnorm(t)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in t.modules())
+    assert torch.allclose(t.encode_image(x), want, atol=1e-5)
+    assert not any(p.requires_grad for p in t.parameters())

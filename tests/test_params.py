@@ -31,6 +31,10 @@ def test_repo_params_are_valid():
     (lambda r: r["text_features"].update(templates=["no slot"]), "text_features.templates[0]"),
     (lambda r: r["eval"].update(datasets=[{"name": "x"}]), "eval.datasets[0].path"),
     (lambda r: r["teacher"].update(source="open_clip", pretrained=""), "teacher.pretrained"),
+    (lambda r: r["world"].update(source="folder"), "world.root"),
+    (lambda r: r["world"].update(source="folder", root="data/PACS"), "teacher.source"),
+    (lambda r: r.update(precision="fp16"), "precision"),
+    (lambda r: r["distill"].update(backbone="vit"), "distill.backbone"),
 ])
 def test_bad_params_fail_with_one_line_naming_the_key(mutate, needle):
     r = raw()
@@ -54,3 +58,9 @@ def test_numbers_coerce_and_lists_are_typed():
 def test_missing_file(tmp_path):
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_the_paper_preset_is_valid():
+    p = load_params(ROOT / "presets" / "pacs_vitb32.yaml")
+    assert (p.world.source, p.teacher.source, p.generator.source) == ("folder", "open_clip", "taming")
+    assert p.world.image_size == 224 and p.distill.backbone == "resnet18"

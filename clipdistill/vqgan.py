@@ -98,7 +98,7 @@ class _VectorQuantizer(nn.Module):
         self.embedding.weight.data.uniform_(-1.0 / n_embed, 1.0 / n_embed)
 
     @classmethod
-    def from_config(cls, cfg: VQGANConfig) -> "_VectorQuantizer":
+    def from_config(cls, cfg: VQGANConfig) -> _VectorQuantizer:
         return cls(cfg.n_embed, cfg.embed_dim, cfg.beta)
 
     @property
@@ -138,7 +138,7 @@ class _GumbelQuantizer(nn.Module):
         self.embed = nn.Embedding(n_embed, embed_dim)
 
     @classmethod
-    def from_config(cls, cfg: VQGANConfig) -> "_GumbelQuantizer":
+    def from_config(cls, cfg: VQGANConfig) -> _GumbelQuantizer:
         # as in GumbelVQ: proj reads z_channels, applied to quant_conv's output (so embed_dim == z_channels)
         return cls(cfg.z_channels, cfg.n_embed, cfg.embed_dim, cfg.kl_weight)
 
@@ -166,8 +166,7 @@ _QUANTIZERS: dict[str, type[nn.Module]] = {"vq": _VectorQuantizer, "gumbel": _Gu
 
 
 class VQGAN(nn.Module):
-    """taming's VQModel / GumbelVQ without Lightning or loss: encoder, quant_conv, quantize, post_quant_conv,
-    decoder.
+    """taming's VQModel / GumbelVQ minus Lightning and loss: encoder, quant_conv, quantize, post_quant_conv, decoder.
 
     Attribute names match taming, so official ``state_dict`` keys (minus ``loss.*``) load directly.
     Images are [B, in_channels, H, W] in [-1, 1]; latents are [B, embed_dim, H/f, W/f] with
@@ -199,8 +198,10 @@ class VQGAN(nn.Module):
 
     @property
     def codebook(self) -> Tensor:
-        """The codebook, [n_embed, embed_dim] (a live parameter, not a copy): ``quantize.embedding.weight`` for
-        "vq", ``quantize.embed.weight`` for "gumbel". Every quantised latent vector is one of its rows."""
+        """The codebook [n_embed, embed_dim], a live parameter (not a copy); quantised latents are its rows.
+
+        ``quantize.embedding.weight`` for quantizer "vq", ``quantize.embed.weight`` for "gumbel".
+        """
         return self.quantize.codebook
 
     def encode_continuous(self, x: Tensor) -> Tensor:
@@ -604,7 +605,11 @@ def _lightning_state_dict(path: Path) -> dict[str, Tensor]:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PLACEHOLDER_PICKLE)
     except Exception as exc:  # pickle, zip and torch errors alike: whatever it is, the file is unusable
         raise CheckpointError(f"taming checkpoint {path} is unreadable or corrupt: {_one_line(exc)[:300]}") from exc
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    state = None
+    if isinstance(ckpt, dict) and "state_dict" in ckpt:
+        state = ckpt["state_dict"]
+    elif isinstance(ckpt, dict) and all(isinstance(v, Tensor) for v in ckpt.values()):
+        state = ckpt  # a bare state dict
     if not isinstance(state, dict) or not state:
         found = sorted(map(str, ckpt))[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"taming checkpoint {path} holds no state_dict (found {found})")

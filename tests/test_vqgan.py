@@ -1,6 +1,7 @@
 import pytest
 import torch
 import yaml
+from taming_official import RELEASE_CONFIGS, block_lightning, official_model, release_config, write_release
 
 from clipdistill.vqgan import (
     VQGAN,
@@ -61,11 +62,55 @@ def test_encode_decode_shapes_and_codebook_rows(ch_mult, f, gen):
         torch.testing.assert_close(model.decode_indices(idx), rec, rtol=0, atol=0)
 
 
-def test_state_dict_keys_follow_taming_layout():
-    keys = set(tiny_model().state_dict())
-    assert "quantize.embedding.weight" in keys
+@pytest.mark.parametrize("quantizer,quantize_keys", [
+    ("vq", {"quantize.embedding.weight"}),
+    ("gumbel", {"quantize.proj.weight", "quantize.proj.bias", "quantize.embed.weight"}),
+])
+def test_state_dict_keys_follow_taming_layout(quantizer, quantize_keys):
+    model = tiny_model(tiny_cfg(quantizer=quantizer))
+    keys = set(model.state_dict())
+    assert {k for k in keys if k.startswith("quantize.")} == quantize_keys
     for prefix in ("encoder.conv_in.", "decoder.conv_out.", "quant_conv.", "post_quant_conv."):
         assert any(k.startswith(prefix) for k in keys), prefix
+    assert model.codebook.shape == (32, 8)
+
+
+def test_gumbel_quantizer_takes_the_top_logit_code(gen):
+    model = tiny_model(tiny_cfg(quantizer="gumbel")).eval()
+    z = torch.randn(2, 8, 3, 3, generator=gen)
+    with torch.no_grad():
+        zq, kl, idx = model.vector_quantize(z)
+        logits = torch.nn.functional.conv2d(z, model.quantize.proj.weight, model.quantize.proj.bias)
+    torch.testing.assert_close(idx, logits.argmax(1), rtol=0, atol=0)
+    torch.testing.assert_close(zq.permute(0, 2, 3, 1), model.codebook[idx], rtol=0, atol=0)
+    q = logits.softmax(1)
+    torch.testing.assert_close(kl, 1e-8 * (q * torch.log(q * 32 + 1e-10)).sum(1).mean())
+    # with a gradient, the backward pass reaches z through the softmax relaxation
+    z.requires_grad_(True)
+    model.vector_quantize(z)[0].sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_vector_quantizer_matches_taming(gen):
+    from taming.modules.vqvae.quantize import VectorQuantizer
+
+    model = tiny_model().eval()
+    theirs = VectorQuantizer(32, 8, beta=0.25)
+    theirs.embedding.weight.data.copy_(torch.randn(32, 8, generator=gen))
+    model.quantize.embedding.weight.data.copy_(theirs.embedding.weight)
+    z = torch.randn(2, 8, 3, 3, generator=gen)
+    with torch.no_grad():
+        zq, _, idx = model.vector_quantize(z)
+        want_zq, _, (_, _, want_idx) = theirs(z)
+    assert idx.flatten().tolist() == want_idx.flatten().tolist()
+    torch.testing.assert_close(zq, want_zq)
+
+
+def test_gumbel_config_needs_embed_dim_equal_to_z_channels():
+    with pytest.raises(ValueError, match="embed_dim == z_channels"):
+        VQGAN(tiny_cfg(quantizer="gumbel", z_channels=16))
+    with pytest.raises(ValueError, match="quantizer"):
+        VQGAN(tiny_cfg(quantizer="fsq"))
 
 
 def test_config_rejects_channels_groupnorm_cannot_split():
@@ -82,6 +127,12 @@ def test_training_lowers_loss_and_raises_psnr():
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     assert reconstruction_psnr(model, imgs) > before + 3.0
     assert reconstruction_psnr(model, imgs.float() / 255) == pytest.approx(reconstruction_psnr(model, imgs))
+
+
+def test_training_rejects_gumbel_models():
+    with pytest.raises(ValueError, match="gumbel"):
+        train_vqgan(tiny_model(tiny_cfg(quantizer="gumbel")), coloured_squares(4), steps=1, batch_size=2, lr=1e-3,
+                    seed=0, progress=False)
 
 
 def test_training_is_reproducible_from_seed():
@@ -120,8 +171,9 @@ def test_dead_code_restart_reseeds_only_unused_codes(gen):
         assert (candidates == row).all(1).any()
 
 
-def test_checkpoint_round_trip(tmp_path, gen):
-    cfg = tiny_cfg(ch_mult=(1, 1, 1))
+@pytest.mark.parametrize("quantizer", ["vq", "gumbel"])
+def test_checkpoint_round_trip(quantizer, tmp_path, gen):
+    cfg = tiny_cfg(ch_mult=(1, 1, 1), quantizer=quantizer)
     model = tiny_model(cfg).eval()
     path = tmp_path / "sub" / "vqgan.pt"
     save_checkpoint(model, cfg, path)
@@ -129,8 +181,11 @@ def test_checkpoint_round_trip(tmp_path, gen):
     loaded = load_checkpoint(path)
     assert loaded.cfg == cfg
     z = torch.randn(2, cfg.embed_dim, 4, 4, generator=gen)
+    x = torch.rand(1, 3, 16, 16, generator=gen) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(loaded.decode(z), model.decode(z), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.encode(x)[2], model.encode(x)[2], rtol=0, atol=0)
+    torch.testing.assert_close(loaded.codebook, model.codebook, rtol=0, atol=0)
 
 
 def test_load_checkpoint_errors_name_the_path(tmp_path):
@@ -154,67 +209,194 @@ def test_load_checkpoint_errors_name_the_path(tmp_path):
         load_checkpoint(wrong_keys)
 
 
-def _official_layout(cfg, target="taming.models.vqgan.VQModel"):
-    return {"model": {
-        "base_learning_rate": 4.5e-6,
-        "target": target,
-        "params": {
-            "embed_dim": cfg.embed_dim,
-            "n_embed": cfg.n_embed,
-            "ddconfig": {
-                "double_z": False, "z_channels": cfg.z_channels, "resolution": cfg.resolution,
-                "in_channels": 3, "out_ch": 3, "ch": cfg.ch, "ch_mult": list(cfg.ch_mult),
-                "num_res_blocks": cfg.num_res_blocks, "attn_resolutions": [8], "dropout": 0.0,
-            },
-            "lossconfig": {
-                "target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
-                "params": {"disc_conditional": False, "disc_in_channels": 3, "disc_start": 10000,
-                           "disc_weight": 0.8, "codebook_weight": 1.0},
-            },
-        },
-    }}
+# ------------------------------------------------------------------ official taming-transformers releases
+# Full-size models in the official layout (see tests/taming_official.py). They are fully convolutional, so a
+# 16x16 or 32x32 image (2x2 latents) keeps their forward passes cheap on CPU.
+
+F16_RELEASES = ["vqgan_imagenet_f16_1024", "vqgan_imagenet_f16_16384"]
 
 
-def test_load_taming_checkpoint(tmp_path):
-    cfg = tiny_cfg(ch_mult=(1, 1, 1), attn_resolutions=(8,))
-    ref = tiny_model(cfg, seed=3)
-    config_path, ckpt_path = tmp_path / "model.yaml", tmp_path / "last.ckpt"
-    config_path.write_text(yaml.safe_dump(_official_layout(cfg)))
-    state = dict(ref.state_dict())
-    state["loss.discriminator.x"] = torch.ones(2)
-    state["loss.perceptual_loss.y"] = torch.ones(1)
-    torch.save({"state_dict": state, "global_step": 1}, ckpt_path)
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """name -> (config_path, ckpt_path, reference model of taming modules holding the saved weights)."""
+    written = {}
 
-    loaded = load_taming_checkpoint(config_path, ckpt_path)
-    assert loaded.cfg == cfg
-    got = loaded.state_dict()
-    assert not any(k.startswith("loss.") for k in got)
-    assert set(got) == set(ref.state_dict())
-    for k, v in ref.state_dict().items():
-        torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+    def get(name):
+        if name not in written:
+            config = release_config(name)
+            reference = official_model(config, seed=sorted(RELEASE_CONFIGS).index(name))
+            paths = write_release(tmp_path_factory.mktemp("releases") / name, config, reference.state_dict())
+            written[name] = (*paths, reference)
+        return written[name]
+
+    return get
 
 
-def test_load_taming_checkpoint_errors(tmp_path):
-    cfg = tiny_cfg()
-    config_path, ckpt_path = tmp_path / "model.yaml", tmp_path / "last.ckpt"
-    with pytest.raises(FileNotFoundError, match="model.yaml"):
+def assert_weights_equal(model, reference):
+    got, want = model.state_dict(), reference.state_dict()
+    assert set(got) == set(want)  # so also: no loss.* key survived
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+
+
+def tiny_release_config(target="taming.models.vqgan.VQModel"):
+    config = release_config("vqgan_imagenet_f16_1024")
+    config["model"]["target"] = target
+    config["model"]["params"].update(embed_dim=32, n_embed=16, ddconfig={
+        **config["model"]["params"]["ddconfig"], "z_channels": 32, "resolution": 16, "ch": 32, "ch_mult": [1, 1],
+        "num_res_blocks": 1, "attn_resolutions": [],
+    })
+    return config
+
+
+@pytest.mark.parametrize("name", F16_RELEASES)
+def test_load_official_vq_release(name, release, monkeypatch):
+    config_path, ckpt_path, reference = release(name)
+    block_lightning(monkeypatch)  # loading must not need pytorch-lightning
+    model = load_taming_checkpoint(config_path, ckpt_path)
+    assert not model.training
+    assert model.cfg == VQGANConfig(
+        embed_dim=256, n_embed=RELEASE_CONFIGS[name]["model"]["params"]["n_embed"], z_channels=256, resolution=256,
+        ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), quantizer="vq",
+    )
+    assert model.downsample_factor == 16
+    assert_weights_equal(model, reference)
+    torch.testing.assert_close(model.codebook, reference.quantize.embedding.weight, rtol=0, atol=0)
+
+
+def test_official_vq_release_encodes_and_decodes(release, gen):
+    # the two f16 releases differ only in codebook size, so one forward check covers both
+    config_path, ckpt_path, reference = release("vqgan_imagenet_f16_1024")
+    model = load_taming_checkpoint(config_path, ckpt_path)
+    x = torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1
+    with torch.no_grad():
+        z = model.encode_continuous(x)
+        zq, _, idx = model.vector_quantize(z)  # together: model.encode(x)
+        rec = model.decode(zq)
+        # taming's VectorQuantizer and Decoder on the saved weights
+        _, _, (_, _, want_idx) = reference.quantize(z)
+        want_rec = reference.decoder(reference.post_quant_conv(zq))
+    assert zq.shape == (1, 256, 2, 2) and idx.shape == (1, 2, 2)
+    assert idx.flatten().tolist() == want_idx.flatten().tolist()
+    torch.testing.assert_close(zq.permute(0, 2, 3, 1), model.codebook[idx], rtol=0, atol=0)
+    assert rec.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(rec, want_rec)
+
+
+def test_load_official_gumbel_release(release, monkeypatch, gen):
+    config_path, ckpt_path, reference = release("vqgan_gumbel_f8")
+    block_lightning(monkeypatch)
+    model = load_taming_checkpoint(config_path, ckpt_path)
+    assert model.cfg == VQGANConfig(
+        embed_dim=256, n_embed=8192, z_channels=256, resolution=256, ch=128, ch_mult=(1, 1, 2, 4),
+        num_res_blocks=2, attn_resolutions=(32,), quantizer="gumbel", kl_weight=1e-8,
+    )
+    assert model.downsample_factor == 8
+    assert_weights_equal(model, reference)
+    torch.testing.assert_close(model.codebook, reference.quantize.embed.weight, rtol=0, atol=0)
+
+    # decoding codebook rows: decoder(post_quant_conv(embed[idx])), as GumbelVQ.decode does
+    idx = torch.randint(0, 8192, (1, 2, 2), generator=gen)
+    x = torch.rand(1, 3, 16, 16, generator=gen) * 2 - 1
+    with torch.no_grad():
+        rec = model.decode_indices(idx)
+        want_rec = reference.decoder(reference.post_quant_conv(reference.quantize.embed(idx).permute(0, 3, 1, 2)))
+        # encoding: encoder -> quant_conv -> proj logits -> top code -> its embed row
+        z = model.encode_continuous(x)
+        zq, _, codes = model.vector_quantize(z)
+        want_codes = reference.quantize.proj(z).argmax(1)
+    assert rec.shape == (1, 3, 16, 16)
+    torch.testing.assert_close(rec, want_rec)
+    assert z.shape == (1, 256, 2, 2) and codes.shape == (1, 2, 2)
+    torch.testing.assert_close(codes, want_codes, rtol=0, atol=0)
+    torch.testing.assert_close(zq, model.codebook[codes].permute(0, 3, 1, 2), rtol=0, atol=0)
+
+
+def test_vector_quantizer2_config_keys_are_accepted(tmp_path):
+    config = tiny_release_config()
+    reference = official_model(config, seed=0)
+    config["model"]["params"].update(remap=None, sane_index_shape=True, legacy=False)
+    config_path, ckpt_path = write_release(tmp_path, config, reference.state_dict())
+    model = load_taming_checkpoint(config_path, ckpt_path)
+    assert model.cfg.quantizer == "vq"
+    assert_weights_equal(model, reference)
+
+
+def test_release_checkpoint_that_does_not_fit_its_config(release):
+    config_path, _, _ = release("vqgan_imagenet_f16_1024")
+    _, ckpt_path, _ = release("vqgan_imagenet_f16_16384")
+    with pytest.raises(ValueError) as info:
         load_taming_checkpoint(config_path, ckpt_path)
-    config_path.write_text(yaml.safe_dump(_official_layout(cfg)))
-    with pytest.raises(FileNotFoundError, match="last.ckpt"):
+    message = str(info.value)
+    assert str(ckpt_path) in message and "\n" not in message
+    assert "quantize.embedding.weight [16384, 256] in the file vs [1024, 256]" in message
+
+
+def test_missing_release_files_say_what_to_download(tmp_path):
+    root = tmp_path / "vqgan_imagenet_f16_16384"
+    config_path, ckpt_path = root / "configs" / "model.yaml", root / "checkpoints" / "last.ckpt"
+    with pytest.raises(FileNotFoundError) as info:
+        load_taming_checkpoint(config_path, ckpt_path)
+    message = str(info.value)
+    assert str(config_path) in message and "model.yaml" in message and "exactly this path" in message
+    assert "release vqgan_imagenet_f16_16384 (README row 'VQGAN ImageNet (f=16), 16384')" in message
+
+    config_path.parent.mkdir(parents=True)
+    config_path.write_text(yaml.safe_dump(RELEASE_CONFIGS["vqgan_imagenet_f16_16384"]))
+    with pytest.raises(FileNotFoundError, match=r"checkpoint .*last\.ckpt does not exist: download last\.ckpt of "
+                                                r"the official taming-transformers release vqgan_imagenet_f16_16384"):
+        load_taming_checkpoint(config_path, ckpt_path)
+    # the Gumbel release as it is often saved, and a name that says nothing
+    with pytest.raises(FileNotFoundError, match="release vqgan_gumbel_f8 "):
+        load_taming_checkpoint(config_path, tmp_path / "vqgan_gumbel_f8_8192.ckpt")
+    with pytest.raises(FileNotFoundError, match="one of vqgan_imagenet_f16_1024, vqgan_imagenet_f16_16384, vqgan_gumb"):
+        load_taming_checkpoint(config_path, tmp_path / "model.ckpt")
+
+
+def test_corrupt_release_checkpoint(tmp_path, gen):
+    config_path, ckpt_path = write_release(tmp_path, tiny_release_config(), {})
+    ckpt_path.write_bytes(bytes(torch.randint(0, 256, (4096,), generator=gen, dtype=torch.uint8).tolist()))
+    with pytest.raises(ValueError) as info:
+        load_taming_checkpoint(config_path, ckpt_path)
+    message = str(info.value)
+    assert str(ckpt_path) in message and "unreadable or corrupt" in message and "\n" not in message
+    torch.save({"epoch": 1, "global_step": 10}, ckpt_path)
+    with pytest.raises(ValueError, match=r"last\.ckpt holds no state_dict"):
         load_taming_checkpoint(config_path, ckpt_path)
 
-    torch.save({"state_dict": {"encoder.conv_in.weight": torch.zeros(1)}}, ckpt_path)
-    with pytest.raises(ValueError, match="last.ckpt"):
+
+def test_release_config_and_checkpoint_of_different_quantizers(tmp_path):
+    vq_config = tiny_release_config()
+    _, ckpt_path = write_release(tmp_path / "vq", vq_config, official_model(vq_config, seed=0).state_dict())
+    gumbel_config = tiny_release_config("taming.models.vqgan.GumbelVQ")
+    gumbel_path, _ = write_release(tmp_path / "gumbel", gumbel_config, {})
+    with pytest.raises(ValueError) as info:
+        load_taming_checkpoint(gumbel_path, ckpt_path)
+    message = str(info.value)
+    assert str(ckpt_path) in message and "\n" not in message
+    assert "missing keys quantize.embed.weight, quantize.proj.bias" in message
+    assert "unexpected keys quantize.embedding.weight" in message
+
+
+def test_release_config_errors(tmp_path):
+    ckpt_path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}}, ckpt_path)
+    config_path = tmp_path / "model.yaml"
+
+    config_path.write_text("model: {params: {}}\n")
+    with pytest.raises(ValueError, match=r"model\.yaml is not in the official layout"):
         load_taming_checkpoint(config_path, ckpt_path)
-
-    gumbel = tmp_path / "gumbel.yaml"
-    layout = _official_layout(cfg, target="taming.models.vqgan.GumbelVQ")
-    layout["model"]["params"]["quantizer"] = {"target": "taming.modules.vqvae.quantize.GumbelQuantize"}
-    gumbel.write_text(yaml.safe_dump(layout))
-    with pytest.raises(NotImplementedError, match="Gumbel"):
-        load_taming_checkpoint(gumbel, ckpt_path)
-
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model: {params: {}}\n")
-    with pytest.raises(ValueError, match="bad.yaml"):
-        load_taming_checkpoint(bad, ckpt_path)
+    for target in ("taming.models.vqgan.EMAVQ", "taming.models.cond_transformer.Net2NetTransformer"):
+        config_path.write_text(yaml.safe_dump(tiny_release_config(target)))
+        with pytest.raises(NotImplementedError, match=f"model.target {target} is not supported"):
+            load_taming_checkpoint(config_path, ckpt_path)
+    config = tiny_release_config()
+    config["model"]["params"]["remap"] = "data/used_codes.npy"
+    config_path.write_text(yaml.safe_dump(config))
+    with pytest.raises(NotImplementedError, match="remap"):
+        load_taming_checkpoint(config_path, ckpt_path)
+    config = tiny_release_config("taming.models.vqgan.GumbelVQ")
+    config["model"]["params"]["embed_dim"] = 64
+    config_path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=r"model\.yaml: unusable architecture: .*embed_dim == z_channels"):
+        load_taming_checkpoint(config_path, ckpt_path)

@@ -64,3 +64,22 @@ def test_the_paper_preset_is_valid():
     p = load_params(ROOT / "presets" / "pacs_vitb32.yaml")
     assert (p.world.source, p.teacher.source, p.generator.source) == ("folder", "open_clip", "taming")
     assert p.world.image_size == 224 and p.distill.backbone == "resnet18"
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "presets/pacs_vitb32.yaml", "tests/tiny_params.yaml"])
+def test_every_params_file_holds_every_key_dvc_tracks(name):
+    """DVC refuses to run a stage whose tracked params key is absent from params.yaml, so every
+    file users or tests copy to params.yaml must hold them all."""
+    tracked = {k for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values()
+               for k in stage.get("params", []) if isinstance(k, str)}
+    params = yaml.safe_load((ROOT / name).read_text())
+
+    def has(key):
+        node = params
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    assert tracked and sorted(k for k in tracked if not has(k)) == []

@@ -158,7 +158,7 @@ RANDOM_WEIGHTS = "random"  # `pretrained: random`: the architecture, randomly in
 
 def load_open_clip_teacher(model_name: str, pretrained: str) -> ClipTeacher:
     """An open_clip architecture with a pretrained tag (downloaded by open_clip, or from its
-    cache), a local checkpoint file, or `random` weights.
+    cache), a local checkpoint file, or `random` weights; frozen, in eval mode, on the CPU.
 
     OpenAI weights were trained with QuickGELU; open_clip only switches it on for `-quickgelu`
     names, so the `openai` tag or a local file whose name contains "openai" forces it here.
@@ -180,8 +180,9 @@ def load_open_clip_teacher(model_name: str, pretrained: str) -> ClipTeacher:
                             f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}{hint}") from None
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    return ClipTeacher(model, int(size), model.context_length,
-                       {"kind": "open_clip", "model": model_name, "pretrained": pretrained})
+    teacher = ClipTeacher(model, int(size), model.context_length,
+                          {"kind": "open_clip", "model": model_name, "pretrained": pretrained})
+    return teacher.eval().requires_grad_(False)
 
 
 def save_teacher(teacher: ClipTeacher, path: str | Path) -> None:

@@ -40,13 +40,15 @@ def test_open_clip_local_checkpoint_loads_back_identical_with_quickgelu(vit_b32,
     assert teacher.image_size == 224 and teacher.embed_dim == 512
     assert any(isinstance(m, open_clip.transformer.QuickGELU) for m in teacher.modules())
     x = torch.rand(2, 3, 224, 224)
-    want = F.normalize(model.encode_image(normalise(x)), dim=-1)
-    assert torch.equal(teacher.encode_image(x), want)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    got = teacher.encode_image(x)
+    # Same weights; only the order of the normalisation's float ops may differ from ours here.
+    torch.testing.assert_close(got, F.normalize(model.encode_image(normalise(x)), dim=-1), rtol=0, atol=1e-6)
     tokens = open_clip.get_tokenizer("ViT-B-32")(["a photo of a dog."])
     assert torch.equal(teacher.encode_text(["a photo of a dog."]), F.normalize(model.encode_text(tokens), dim=-1))
     # The stage path: the teacher stage stores where the weights live; later stages reload them.
     save_teacher(teacher, tmp_path / "teacher.pt")
-    assert torch.equal(load_teacher(tmp_path / "teacher.pt").encode_image(x), want)
+    assert torch.equal(load_teacher(tmp_path / "teacher.pt").encode_image(x), got)
 
 
 def test_open_clip_file_without_openai_in_its_name_keeps_gelu(vit_b32, tmp_path):
@@ -102,12 +104,22 @@ def shrink(params: dict, clip_file) -> dict:
     return params
 
 
-def test_preset_names_missing_files_with_what_to_download(preset_project):
+def pacs_data(dst):
+    """The PACS-style folder the preset reads, two classes and two domains (made once)."""
+    if not (dst / "data/PACS").exists():
+        pacs_like(dst / "data/PACS", ["dog", "elephant"], ["photo", "sketch"])
+
+
+def test_preset_names_missing_files_with_what_to_download(preset_project, vit_b32):
     dst = preset_project
     proc = run(["dvc", "repro", "-s", "world"], dst, check=False)
     assert proc.returncode != 0
     assert "image folder not found: data/PACS" in proc.stdout + proc.stderr
-    proc = run(["dvc", "repro", "-s", "generator"], dst, check=False)
+    # With the images in place the world stage runs; the generator then misses the VQGAN release.
+    pacs_data(dst)
+    params = shrink(yaml.safe_load((dst / "params.yaml").read_text()), vit_b32[1])
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = run(["dvc", "repro", "generator"], dst, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "data/vqgan_imagenet_f16_16384/configs/model.yaml" in out
     assert "vqgan_imagenet_f16_16384" in out
@@ -115,13 +127,14 @@ def test_preset_names_missing_files_with_what_to_download(preset_project):
 
 def test_real_architecture_smoke_run(preset_project, vit_b32):
     dst = preset_project
-    pacs_like(dst / "data/PACS", ["dog", "elephant"], ["photo", "sketch"])
+    pacs_data(dst)
     config = release_config("vqgan_imagenet_f16_16384")
     write_release(dst / "data" / "vqgan_imagenet_f16_16384", config, official_model(config, seed=0).state_dict())
     params = shrink(yaml.safe_load((dst / "params.yaml").read_text()), vit_b32[1])
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "repro"], dst).stdout
-    assert ran_stages(out) == STAGES
+    assert ran_stages(out)[-8:] == STAGES[1:]  # `world` may have run in the missing-files test
+    assert "up to date" in run(["dvc", "status"], dst).stdout
     shard = torch.load(dst / "artifacts/synth/shards/shard_00000.pt", weights_only=True)
     assert shard["images"].shape == (2, 3, 224, 224)
     metrics = json.loads((dst / "artifacts/eval/metrics.json").read_text())

@@ -27,15 +27,15 @@ from common import add_device_args, machine_line, resolve_device, synchronize, t
 from clipdistill.clip_models import build_embedded_teacher, fold_batchnorm, load_open_clip_teacher
 from clipdistill.evaluation import count_parameters
 from clipdistill.params import load_params
-from clipdistill.runtime import run_stage
+from clipdistill.runtime import channels_last, run_stage
 from clipdistill.synthesis import synthesize_batch
 from clipdistill.vqgan import VQGAN, VQGANConfig
 
 # taming-transformers' configs/vqgan_imagenet_f16_16384.yaml (model.params and its ddconfig).
 TAMING_F16_16384 = VQGANConfig(embed_dim=256, n_embed=16384, z_channels=256, resolution=256, ch=128,
                                ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0)
-DEFAULTS = {  # per setting: batch, cutn, image size (None: params.yaml world.image_size)
-    "embedded": {"batch": 64, "cutn": 4, "image_size": None},
+DEFAULTS = {  # per setting: batch, cutn, image size (None: from params.yaml's synthesize and world sections)
+    "embedded": {"batch": None, "cutn": None, "image_size": None},
     "real": {"batch": 8, "cutn": 8, "image_size": 256},
 }
 
@@ -67,7 +67,7 @@ def build_models(args, device):
         raise SystemExit(f"--image-size {size} must be a multiple of the VQGAN's downsample factor {f}")
     what += f" (f{f}, {cfg.n_embed} codes, {count_parameters(vqgan.decoder) / 1e6:.1f} M decoder parameters)"
     teacher = fold_batchnorm(teacher.to(device).eval().requires_grad_(False))  # as the synthesize stage does
-    vqgan = vqgan.to(device).eval().requires_grad_(False)
+    vqgan = channels_last(vqgan.to(device).eval().requires_grad_(False), device)
     return teacher, vqgan, size, what
 
 
@@ -83,15 +83,19 @@ def run(vqgan, teacher, targets, first_id: int, args, latent_hw, steps: int) -> 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=tuple(DEFAULTS), default="embedded")
-    parser.add_argument("--batch", type=int, help="prompts per batched call (default 64 embedded, 8 real)")
+    parser.add_argument("--batch", type=int,
+                        help="prompts per batched call (default: synthesize.batch_size embedded, 8 real)")
     parser.add_argument("--steps", type=int, default=5, help="optimisation steps per image, both ways")
-    parser.add_argument("--cutn", type=int, help="cutouts per image per step (default 4 embedded, 8 real)")
+    parser.add_argument("--cutn", type=int, help="cutouts per image per step (default: synthesize.cutn embedded, 8 real)")
     parser.add_argument("--image-size", type=int,
                         help="synthesised image side in px (default: world.image_size embedded, 256 real)")
     parser.add_argument("--params", default="params.yaml", help="params file (embedded setting)")
     parser.add_argument("--seed", type=int, default=0)
     add_device_args(parser)
     args = parser.parse_args()
+    if args.setting == "embedded":  # the synthesize stage's own batch and cutouts
+        synth = load_params(args.params).synthesize
+        DEFAULTS["embedded"].update(batch=synth.batch_size, cutn=synth.cutn)
     for key in ("batch", "cutn"):
         if getattr(args, key) is None:
             setattr(args, key, DEFAULTS[args.setting][key])

@@ -142,6 +142,7 @@ class DistillParams:
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 5e-4
+    optimizer: str = "adamw"       # adamw | sgd (momentum 0.9: CoOp's, KDPL's and PromptKD's optimiser)
     augment: bool = True
     images: str = "synthetic"      # synthetic | world (the world's train images, labels discarded) | a folder
     base_to_novel: bool = True     # also train on the first half of the classes; evaluate base/novel/HM
@@ -202,6 +203,7 @@ CHOICES = {
     "distill.student": ("cnn", "promptkd", "kdpl"),
     "distill.head": ("projection", "linear"),
     "distill.loss": ("kl", "reverse_kl", "symmetric_kl", "promptkd"),
+    "distill.optimizer": ("adamw", "sgd"),
 }
 POSITIVE = {
     "world.image_size", "world.train_per_class_style", "world.test_per_class_domain",

@@ -53,6 +53,11 @@ def experiments(show: list) -> list[dict]:
         for exp in commit.get("experiments") or []:
             for rev in exp.get("revs") or []:
                 add(rev, rev.get("name") or exp.get("name"))
+    # `dvc exp run` applies the last experiment's results to the workspace, whose params.yaml the
+    # experiment scripts then reset: next to experiments, its row would pair one run's metrics
+    # with another's params.
+    if any(r["name"] != "workspace" and r["rev"] != "workspace" for r in rows):
+        rows = [r for r in rows if r["name"] != "workspace" and r["rev"] != "workspace"]
     return rows
 
 

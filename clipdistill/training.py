@@ -27,12 +27,13 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 
 
 def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss_fn, *, temperature: float,
-            epochs: int, batch_size: int, lr: float, weight_decay: float, augment: bool,
+            epochs: int, batch_size: int, lr: float, weight_decay: float, augment: bool, optimizer: str = "adamw",
             generator: torch.Generator, device: torch.device, log=None, student_step=None,
             amp_dtype: torch.dtype | None = None, dist: Dist = Dist()) -> list[float]:
     """Train `student` to match `teacher_logits(x) -> [B, C]` on uint8 `images` [N, 3, H, W].
 
-    AdamW with a cosine schedule and one warm-up epoch; only parameters with requires_grad train.
+    AdamW (or SGD with momentum 0.9, `optimizer="sgd"`, as CoOp, KDPL and PromptKD train prompts)
+    with a cosine schedule and one warm-up epoch; only parameters with requires_grad train.
     `log(step, loss)` is called per epoch if given. `student_step(model, x, teacher_logits) ->
     (student logits, teacher logits)` replaces `model(x)` when the student decides which classes a
     step scores (KDPL-CA's top-K); `model` is the student, DDP-wrapped under torchrun. Forward
@@ -50,7 +51,12 @@ def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss
     per_rank = batch_size // dist.world
     mine = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r} (adamw | sgd)")
     n = images.shape[0]
     steps_per_epoch = max(1, n // batch_size)  # drop the last partial batch: BatchNorm needs > 1
     total = epochs * steps_per_epoch

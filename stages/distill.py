@@ -62,6 +62,7 @@ def train_student(p, classes, vectors, images, teacher, small_clip, gen, device,
         teacher_logits = lambda x: teacher.logits(x, vectors)  # noqa: E731
     distill(student, teacher_logits, images, get_loss(d.loss, d.kd_weight), temperature=d.temperature,
             epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay, augment=d.augment,
+            optimizer=d.optimizer,
             generator=gen, device=device, log=log, student_step=step,
             amp_dtype=resolve_precision(p.precision, device), dist=dist)
     set_classes(student, classes, vectors.cpu())  # KDPL-CA: back from the dictionary to the task's classes

@@ -28,14 +28,16 @@ SHOW = [
 
 def test_experiments_flattens_commits_and_experiments_and_skips_missing_metrics():
     rows = report.experiments(SHOW)
-    assert [r["name"] for r in rows] == ["workspace", "mix"]
-    assert rows[1]["params"]["prompts"]["method"] == "mix"
+    assert [r["name"] for r in rows] == ["mix"]  # the workspace repeats the last applied experiment
+    assert rows[0]["params"]["prompts"]["method"] == "mix"
+    alone = report.experiments(SHOW[:1])
+    assert [r["name"] for r in alone] == ["workspace"]
 
 
 def test_table_has_per_domain_mean_worst_and_diversity_columns():
     md = report.table(report.experiments(SHOW)).splitlines()
     assert md[0] == ("| prompts.method | experiment | photo | sketch | mean | worst | prompt div. | image div. |")
-    assert md[3] == "| mix | mix | 0.600 | 0.400 | 0.500 | 0.400 | 0.300 | 0.250 |"
+    assert md[2] == "| mix | mix | 0.600 | 0.400 | 0.500 | 0.400 | 0.300 | 0.250 |"
 
 
 def test_missing_diversity_is_a_dash_and_no_experiment_is_an_error(capsys, tmp_path):

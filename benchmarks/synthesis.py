@@ -93,12 +93,13 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     add_device_args(parser)
     args = parser.parse_args()
+    defaults = DEFAULTS[args.setting]
     if args.setting == "embedded":  # the synthesize stage's own batch and cutouts
         synth = load_params(args.params).synthesize
-        DEFAULTS["embedded"].update(batch=synth.batch_size, cutn=synth.cutn)
+        defaults = dict(defaults, batch=synth.batch_size, cutn=synth.cutn)
     for key in ("batch", "cutn"):
         if getattr(args, key) is None:
-            setattr(args, key, DEFAULTS[args.setting][key])
+            setattr(args, key, defaults[key])
     if min(args.batch, args.steps, args.cutn) < 1:
         raise SystemExit("--batch, --steps and --cutn must be >= 1")
 

@@ -56,9 +56,8 @@ def experiments(show: list) -> list[dict]:
     # `dvc exp run` applies the last experiment's results to the workspace, whose params.yaml the
     # experiment scripts then reset: next to experiments, its row would pair one run's metrics
     # with another's params.
-    if any(r["name"] != "workspace" and r["rev"] != "workspace" for r in rows):
-        rows = [r for r in rows if r["name"] != "workspace" and r["rev"] != "workspace"]
-    return rows
+    runs = [r for r in rows if "workspace" not in (r["name"], r["rev"])]
+    return runs or rows
 
 
 def table(rows: list[dict], by: str = "prompts.method") -> str:

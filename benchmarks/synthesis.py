@@ -91,6 +91,8 @@ def main():
                         help="synthesised image side in px (default: world.image_size embedded, 256 real)")
     parser.add_argument("--params", default="params.yaml", help="params file (embedded setting)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's table of 2 batched steps (where the time goes)")
     add_device_args(parser)
     args = parser.parse_args()
     defaults = DEFAULTS[args.setting]
@@ -139,6 +141,10 @@ def main():
     for name, calls, per_call, seconds, rate, peak in rows:
         print(f"{name:<8} {calls:>6} {per_call:>12} {seconds:>9.3f} {rate:>15.2f}"
               + (f" {peak:>9.2f}" if peak is not None else ""))
+    if args.profile:
+        with torch.profiler.profile() as prof:
+            run(vqgan, teacher, targets, 0, args, latent_hw, 2)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     print(f"batched/loop speedup: {rows[0][4] / rows[1][4]:.1f}x")
 
 

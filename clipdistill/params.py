@@ -6,6 +6,7 @@ fails at stage start with one line naming the key, before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,6 +358,21 @@ def parse_params(raw: dict) -> Params:
     return params
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: `1e-4` (what `dvc exp run -S distill.lr=1e-4`
+    writes) is a float, not the string PyYAML's YAML 1.1 rules make of it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; a bad file fails with one line naming the key."""
     path = Path(path)
@@ -364,7 +380,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"params file not found: {path}")
     with open(path) as fh:
         try:
-            raw = yaml.safe_load(fh)
+            raw = yaml.load(fh, Loader=_Loader)
         except yaml.YAMLError as exc:
             raise ParamsError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     return parse_params(raw)

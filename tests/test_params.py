@@ -55,6 +55,18 @@ def test_numbers_coerce_and_lists_are_typed():
     assert p.eval.datasets[0].path == "/data/pacs"
 
 
+def test_exponent_floats_load_as_numbers(tmp_path):
+    """`dvc exp run -S distill.lr=1e-4` writes `lr: 1e-4`, which YAML 1.1 reads as a string."""
+    text = (ROOT / "params.yaml").read_text().replace("  lr: 0.002\n", "  lr: 1e-4\n")
+    text = text.replace("  temperature: 4.0\n", "  temperature: 2E+0\n")
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    p = load_params(path)
+    assert p.distill.lr == 1e-4 and p.distill.temperature == 2.0
+    assert p.generator.lr == 1e-4  # replace() rewrote both "lr: 0.002" lines
+    assert p.world.classes[0] == "circle" and p.distill.student == "cnn"
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "nope.yaml")

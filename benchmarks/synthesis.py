@@ -22,6 +22,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from common import add_device_args, machine_line, resolve_device, synchronize, timed
 
 from clipdistill.clip_models import build_embedded_teacher, fold_batchnorm, load_open_clip_teacher
@@ -80,6 +81,20 @@ def run(vqgan, teacher, targets, first_id: int, args, latent_hw, steps: int) -> 
                             generator=step_gen)
 
 
+def flops_per_image_step(vqgan, teacher, targets, args, latent_hw) -> float:
+    """Convolution and matmul FLOPs (forward + backward) of one optimisation step per image.
+
+    The same in both modes (each image gets the same work); the difference of a 2-step and a
+    1-step call leaves out the final decode. Norms and activations are not counted.
+    """
+    counts = []
+    for steps in (1, 2):
+        with FlopCounterMode(display=False) as counter:
+            run(vqgan, teacher, targets, 0, args, latent_hw, steps)
+        counts.append(counter.get_total_flops())
+    return (counts[1] - counts[0]) / len(targets)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=tuple(DEFAULTS), default="embedded")
@@ -136,10 +151,13 @@ def main():
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         rows.append((name, calls, per_call, seconds, args.batch * args.steps / seconds, peak))
 
-    print(f"{'mode':<8} {'calls':>6} {'images/call':>12} {'seconds':>9} {'images*steps/s':>15}"
+    # Achieved conv/matmul GFLOP/s: how far from compute-bound each mode is on this machine.
+    flops = flops_per_image_step(vqgan, teacher, targets, args, latent_hw)
+    print(f"{flops / 1e6:.1f} MFLOP of convolutions and matmuls per image per step (forward + backward)")
+    print(f"{'mode':<8} {'calls':>6} {'images/call':>12} {'seconds':>9} {'images*steps/s':>15} {'GFLOP/s':>8}"
           + (f" {'peak GiB':>9}" if device.type == "cuda" else ""))
     for name, calls, per_call, seconds, rate, peak in rows:
-        print(f"{name:<8} {calls:>6} {per_call:>12} {seconds:>9.3f} {rate:>15.2f}"
+        print(f"{name:<8} {calls:>6} {per_call:>12} {seconds:>9.3f} {rate:>15.2f} {rate * flops / 1e9:>8.1f}"
               + (f" {peak:>9.2f}" if peak is not None else ""))
     if args.profile:
         with torch.profiler.profile() as prof:

@@ -2,9 +2,10 @@
 # What we tried to lift the prompt students trained on synthesized images (README, "Prompt students
 # on synthesized images: what we tried"): other surrogate images, each distilled into PromptKD and
 # KDPL with the papers' schedule, as DVC experiments, then the students table. Run from the repo
-# root after `dvc repro` (the default's own rows come from experiments/students.sh). Each
+# root after `dvc repro` (the default's own rows, generator 4,800 steps, come from
+# experiments/students.sh). Every row pins the generator it was measured with. Each
 # experiment reruns generator/prompts/synthesize where its params touch them (2-7 min on a 2-core
-# CPU) and distill (~1.5 min): 33 min in all on a 2-core CPU.
+# CPU; the 1,600-step generator ~6 min once) and distill (~1.5 min): ~40 min in all on a 2-core CPU.
 set -euo pipefail
 exp() { git checkout -- params.yaml; dvc exp run "$@"; }
 PAPER="-S distill.temperature=1 -S distill.optimizer=sgd -S distill.batch_size=32 -S distill.weight_decay=0.0005"
@@ -12,6 +13,7 @@ PKD="-S distill.student=promptkd -S distill.loss=promptkd -S distill.lr=0.005 $P
 KDPL="-S distill.student=kdpl -S distill.loss=symmetric_kl -S distill.lr=0.002 $PAPER"
 ONE="-S distill.base_to_novel=false"  # the main student only: its figures do not depend on this
 OLD_GEN="-S generator.steps=400"      # the generator before 2026-11-25 (18.8 dB PSNR)
+MID_GEN="-S generator.steps=1600"     # the default of 2026-11-25 (22.3 dB); 4,800 since (24.7 dB)
 # KDPL before learning: its context "a photo of a" is one template (the zero-shot row averages six).
 exp -n kdpl-at-init $KDPL $ONE -S distill.lr=0.000000000001 -S distill.epochs=1
 for student in PKD KDPL; do
@@ -21,9 +23,10 @@ for student in PKD KDPL; do
   exp -n "$s-gen400-contrastive" ${!student} $ONE $OLD_GEN -S prompts.method=contrastive
   exp -n "$s-gen400-mix-teacher-vocab" ${!student} $ONE $OLD_GEN -S prompts.method=mix \
     -S prompts.mix.styles_file=clipdistill/assets/world_styles.txt
-  exp -n "$s-synth-steps100" ${!student} $ONE -S synthesize.steps=100
+  exp -n "$s-gen1600" ${!student} $ONE $MID_GEN
+  exp -n "$s-gen1600-synth-steps100" ${!student} $ONE $MID_GEN -S synthesize.steps=100
   # Three times the images at the same number of steps.
-  exp -n "$s-2100-images" ${!student} $ONE -S prompts.per_class=300 -S distill.epochs=10
+  exp -n "$s-gen1600-2100-images" ${!student} $ONE $MID_GEN -S prompts.per_class=300 -S distill.epochs=10
 done
 git checkout -- params.yaml
 dvc exp show --json | python -m clipdistill.report --students

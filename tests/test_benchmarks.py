@@ -31,9 +31,13 @@ def figure(line: str, label: str) -> float:
 def test_synthesis_benchmark_reports_batched_over_loop_rate():
     lines = run_script("synthesis.py", "--batch", "2", "--steps", "1", "--cutn", "1")
     rows = {ln.split()[0]: ln.split() for ln in lines if ln.split()[0] in ("batched", "loop")}
-    # mode, calls, images/call, seconds, images*steps/s
+    # mode, calls, images/call, seconds, images*steps/s, GFLOP/s
     assert rows["batched"][1:3] == ["1", "2"] and rows["loop"][1:3] == ["2", "1"]
     ratio = float(rows["batched"][4]) / float(rows["loop"][4])
+    mflop = float(next(ln for ln in lines if "MFLOP" in ln).split()[0])
+    assert mflop > 0
+    for row in rows.values():  # the achieved rate is the image rate times the work per image-step
+        assert float(row[5]) == pytest.approx(float(row[4]) * mflop / 1e3, rel=0.02, abs=0.06)
     assert figure(lines[-1], "batched/loop speedup") == pytest.approx(ratio, abs=0.06)
 
 

@@ -40,6 +40,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def dense_matmul_gflops(device: torch.device, n: int = 2048, reps: int = 10) -> float:
+    """GFLOP/s of an fp32 [n, n] @ [n, n] matmul on `device`: about the most this machine computes.
+
+    A ceiling for any mode of a benchmark whose work is counted in FLOPs: no batching beats it.
+    """
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(2):  # warm-up: kernel selection, allocator
+        a @ b
+    seconds = timed(lambda: [a @ b for _ in range(reps)], device)
+    return 2 * n**3 * reps / seconds / 1e9
+
+
 def timed(fn, device: torch.device) -> float:
     """Wall-clock seconds of `fn()`, with queued GPU work finished before and after."""
     synchronize(device)

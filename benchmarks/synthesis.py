@@ -14,7 +14,9 @@ Run from the repo root, e.g.
   python benchmarks/synthesis.py --setting embedded
   python benchmarks/synthesis.py --setting real --device cuda
   python benchmarks/synthesis.py --setting embedded --batch 2 --steps 1   # smoke run
-The last line is the figure: `batched/loop speedup: N.Nx`.
+Each mode is timed --repeats times and the fastest run counts. The line before the figure is the
+ceiling: a dense fp32 matmul's GFLOP/s on this machine over the loop's achieved GFLOP/s, the most
+any batching can give at the same FLOPs. The last line is the figure: `batched/loop speedup: N.Nx`.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from common import add_device_args, machine_line, resolve_device, synchronize, timed
+from common import add_device_args, dense_matmul_gflops, machine_line, resolve_device, synchronize, timed
 
 from clipdistill.clip_models import build_embedded_teacher, fold_batchnorm, load_open_clip_teacher
 from clipdistill.evaluation import count_parameters
@@ -105,6 +107,8 @@ def main():
     parser.add_argument("--image-size", type=int,
                         help="synthesised image side in px (default: world.image_size embedded, 256 real)")
     parser.add_argument("--params", default="params.yaml", help="params file (embedded setting)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of each mode; the fastest counts (less noise from the rest of the machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's table of 2 batched steps (where the time goes)")
@@ -117,8 +121,8 @@ def main():
     for key in ("batch", "cutn"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
-    if min(args.batch, args.steps, args.cutn) < 1:
-        raise SystemExit("--batch, --steps and --cutn must be >= 1")
+    if min(args.batch, args.steps, args.cutn, args.repeats) < 1:
+        raise SystemExit("--batch, --steps, --cutn and --repeats must be >= 1")
 
     device = resolve_device(args)
     print(machine_line(device))
@@ -147,7 +151,7 @@ def main():
     for name, fn, calls, per_call in (("batched", batched, 1, args.batch), ("loop", loop, args.batch, 1)):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        seconds = timed(fn, device)
+        seconds = min(timed(fn, device) for _ in range(args.repeats))
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         rows.append((name, calls, per_call, seconds, args.batch * args.steps / seconds, peak))
 
@@ -159,6 +163,12 @@ def main():
     for name, calls, per_call, seconds, rate, peak in rows:
         print(f"{name:<8} {calls:>6} {per_call:>12} {seconds:>9.3f} {rate:>15.2f} {rate * flops / 1e9:>8.1f}"
               + (f" {peak:>9.2f}" if peak is not None else ""))
+    # The ceiling of batching: the batched step cannot run its FLOPs faster than a large dense
+    # matmul, so batched/loop can be at most (peak GFLOP/s) / (the loop's GFLOP/s) on this machine.
+    peak = dense_matmul_gflops(device)
+    loop_gflops = rows[1][4] * flops / 1e9
+    print(f"dense fp32 matmul peak {peak:.1f} GFLOP/s: batched at that rate would be {peak / loop_gflops:.1f}x "
+          f"the loop (the most batching can give here)")
     if args.profile:
         with torch.profiler.profile() as prof:
             run(vqgan, teacher, targets, 0, args, latent_hw, 2)

@@ -38,6 +38,11 @@ def test_synthesis_benchmark_reports_batched_over_loop_rate():
     assert mflop > 0
     for row in rows.values():  # the achieved rate is the image rate times the work per image-step
         assert float(row[5]) == pytest.approx(float(row[4]) * mflop / 1e3, rel=0.02, abs=0.06)
+    # The ceiling: the machine's dense-matmul rate over the loop's achieved rate.
+    ceiling = re.fullmatch(r"dense fp32 matmul peak (\d+\.\d) GFLOP/s: batched at that rate would be (\d+\.\d)x "
+                           r"the loop \(the most batching can give here\)", lines[-2])
+    assert ceiling, lines[-2]
+    assert float(ceiling.group(2)) == pytest.approx(float(ceiling.group(1)) / float(rows["loop"][5]), rel=0.05, abs=0.06)
     assert figure(lines[-1], "batched/loop speedup") == pytest.approx(ratio, abs=0.06)
 
 

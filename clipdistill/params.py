@@ -1,7 +1,8 @@
 """The one config source: `params.yaml` parsed into typed dataclasses and validated.
 
 Every stage calls `load_params()` first, so an unknown key, a wrong type or an empty class list
-fails at stage start with one line naming the key, before anything is written.
+fails at stage start with one line naming the key, before anything is written. A key left out of
+a params file takes its dataclass default, which is params.yaml's value (tested).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ class WorldParams:
     root: str = ""                 # source folder: <root>/<domain>/<class>/* images, evaluated per domain
     image_size: int = 32
     eval_domains: list[str] = field(default_factory=lambda: ["photo", "painting", "cartoon", "sketch"])
-    train_styles: list[str] = field(default_factory=list)
+    train_styles: list[str] = field(default_factory=lambda: ["photo", "painting", "cartoon", "sketch", "neon",
+                                                             "silhouette", "mosaic"])
     train_per_class_style: int = 80
     test_per_class_domain: int = 60
 
@@ -37,17 +39,17 @@ class TeacherParams:
     pretrained: str = ""
     vision: str = "convnet"
     embed_dim: int = 64
-    vision_width: int = 128
+    vision_width: int = 24
     vision_layers: int = 4
     vision_heads: int = 4
     patch_size: int = 8
-    text_width: int = 128
-    text_layers: int = 3
-    text_heads: int = 4
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
     context_length: int = 16
-    epochs: int = 12
+    epochs: int = 16
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 4e-3
     weight_decay: float = 0.1
 
 
@@ -56,11 +58,9 @@ class StudentClipParams(TeacherParams):
     """The smaller CLIP the prompt students (PromptKD, KDPL) start from: same keys as `teacher`,
     a smaller and weaker embedded default; on the real path an open_clip model + pretrained tag."""
     embed_dim: int = 32
-    vision_width: int = 12
-    text_width: int = 32
+    vision_width: int = 16
     text_layers: int = 1
-    text_heads: int = 1
-    epochs: int = 8
+    epochs: int = 10
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,8 @@ class GeneratorParams:
     n_embed: int = 256
     ch: int = 32
     ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2])
-    num_res_blocks: int = 1
-    steps: int = 1500
+    num_res_blocks: int = 0        # taming's blocks use num_res_blocks + 1 per level
+    steps: int = 4800
     batch_size: int = 64
     lr: float = 2e-3
 
@@ -105,7 +105,7 @@ class ContrastivePromptParams:
 @dataclass(frozen=True)
 class PromptsParams:
     method: str = "vanilla"
-    per_class: int = 120
+    per_class: int = 100
     template: str = "a photo of a {}"
     style_template: str = "a {style} style of a {class}"
     mix: MixPromptParams = field(default_factory=MixPromptParams)
@@ -117,9 +117,9 @@ class PromptsParams:
 class SynthesizeParams:
     batch_size: int = 64
     shard_size: int = 128
-    steps: int = 40
+    steps: int = 30
     lr: float = 0.1
-    cutn: int = 8
+    cutn: int = 4
     cut_pow: float = 1.0
     min_cut: float = 0.5
     augment: bool = True
@@ -127,7 +127,8 @@ class SynthesizeParams:
 
 @dataclass(frozen=True)
 class TextFeaturesParams:
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    templates: list[str] = field(default_factory=lambda: [f"a {domain} of a {{}}." for domain in (
+        "photo", "painting", "cartoon", "sketch", "drawing", "picture")])
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ class Params:
     seed: int = 0
     device: str = "cpu"
     precision: str = "auto"
-    threads: int = 0
+    threads: int = 2
 
 
 # Allowed values of the keys that pick among implementations; the registries live next to the code.

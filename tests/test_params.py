@@ -18,6 +18,15 @@ def test_repo_params_are_valid():
     assert isinstance(p.synthesize.lr, float)
 
 
+def test_a_key_left_out_takes_params_yaml_value():
+    # Only the sections and the class list: every other key falls back to its dataclass default,
+    # which must be what params.yaml says (a preset that omits a key gets the documented value).
+    full = raw()
+    skeleton = {section: {} for section, value in full.items() if isinstance(value, dict)}
+    skeleton["world"] = {"classes": full["world"]["classes"]}
+    assert parse_params(skeleton) == load_params(ROOT / "params.yaml")
+
+
 @pytest.mark.parametrize("mutate, needle", [
     (lambda r: r["distill"].update(temprature=2), "distill.temprature"),
     (lambda r: r.update(bogus=1), "'bogus'"),

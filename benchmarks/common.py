@@ -18,11 +18,13 @@ def add_device_args(parser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
                         help="where to run (auto: cuda when torch sees a GPU)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0 = torch's default)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's allocator defaults instead of the stages' retain_freed_memory policy")
 
 
 def resolve_device(args) -> torch.device:
     """The pipeline's own device setup (clipdistill.runtime.setup_torch), so figures match its runs."""
-    return setup_torch(args.device, args.threads)
+    return setup_torch(args.device, args.threads, retain_memory=not args.default_malloc)
 
 
 def machine_line(device: torch.device) -> str:

@@ -5,7 +5,8 @@
 # root after `dvc repro` (the default's own rows, generator 4,800 steps, come from
 # experiments/students.sh). Every row pins the generator it was measured with. Each
 # experiment reruns generator/prompts/synthesize where its params touch them (2-7 min on a 2-core
-# CPU; the 1,600-step generator ~6 min once) and distill (~1.5 min): ~40 min in all on a 2-core CPU.
+# CPU; the 1,600-step generator ~6 min once; 7,000 Contrastive-Prompt images ~15 min) and distill
+# (~1.5 min): about an hour in all on a 2-core CPU.
 set -euo pipefail
 exp() { git checkout -- params.yaml; dvc exp run "$@"; }
 PAPER="-S distill.temperature=1 -S distill.optimizer=sgd -S distill.batch_size=32 -S distill.weight_decay=0.0005"
@@ -27,6 +28,14 @@ for student in PKD KDPL; do
   exp -n "$s-gen1600-synth-steps100" ${!student} $ONE $MID_GEN -S synthesize.steps=100
   # Three times the images at the same number of steps.
   exp -n "$s-gen1600-2100-images" ${!student} $ONE $MID_GEN -S prompts.per_class=300 -S distill.epochs=10
+  # The default generator (4,800 steps) with Xuan et al.'s diversified prompts.
+  exp -n "$s-contrastive" ${!student} $ONE -S prompts.method=contrastive
+  exp -n "$s-mix-teacher-vocab" ${!student} $ONE -S prompts.method=mix \
+    -S prompts.mix.styles_file=clipdistill/assets/world_styles.txt
 done
+# PromptKD gains from Contrastive-Prompt images: more of them, at the same steps and at more.
+exp -n pkd-contrastive-2100-images $PKD $ONE -S prompts.method=contrastive -S prompts.per_class=300 -S distill.epochs=10
+exp -n pkd-contrastive-2100-images-30-epochs $PKD $ONE -S prompts.method=contrastive -S prompts.per_class=300
+exp -n pkd-contrastive-7000-images $PKD $ONE -S prompts.method=contrastive -S prompts.per_class=1000 -S distill.epochs=3
 git checkout -- params.yaml
 dvc exp show --json | python -m clipdistill.report --students

@@ -37,5 +37,7 @@ done
 exp -n pkd-contrastive-2100-images $PKD $ONE -S prompts.method=contrastive -S prompts.per_class=300 -S distill.epochs=10
 exp -n pkd-contrastive-2100-images-30-epochs $PKD $ONE -S prompts.method=contrastive -S prompts.per_class=300
 exp -n pkd-contrastive-7000-images $PKD $ONE -S prompts.method=contrastive -S prompts.per_class=1000 -S distill.epochs=3
+exp -n pkd-contrastive-7000-images-10-epochs $PKD $ONE -S prompts.method=contrastive -S prompts.per_class=1000 -S distill.epochs=10
+exp -n pkd-contrastive-7000-images-30-epochs $PKD $ONE -S prompts.method=contrastive -S prompts.per_class=1000 -S distill.epochs=30
 git checkout -- params.yaml
 dvc exp show --json | python -m clipdistill.report --students

@@ -46,9 +46,9 @@ def retain_freed_memory() -> bool:
     glibc's default hands blocks above its (dynamic, from 128 KiB) threshold fresh pages from mmap
     and gives them back on free, so each step of a CPU training or synthesis loop page-faults its
     activations in again: a forward + backward step of the embedded VQGAN decoder at batch 64
-    takes ~26k page faults (100 MB of fresh pages) and 98 ms with glibc's default, none and 70 ms
-    with this (tests/test_runtime.py counts the faults; `benchmarks/synthesis.py --default-malloc`
-    measures the synthesis rate without it). Keeping freed memory is what torch's caching
+    takes 16k-26k page faults (64-100 MB of fresh pages, by thread count) with glibc's default and
+    none once warm with this (tests/test_runtime.py counts them; `benchmarks/synthesis.py
+    --default-malloc` measures the synthesis rate without it). Keeping freed memory is what torch's caching
     allocator does on CUDA; RSS stays near the peak in use plus at most 1 GiB. Returns whether it
     applied: False where libc is not glibc (macOS, musl), which keep their allocator's defaults.
     Results do not depend on it, only speed.

@@ -80,6 +80,6 @@ def test_retained_memory_stops_each_step_from_page_faulting_its_activations_agai
     applied, retained = run("retain")
     _, default = run("default")
     assert applied  # Linux with glibc, as CI and our machines
-    # glibc's default maps a step's ~64 MB of activations afresh every step; retained, they are reused.
+    # glibc's default maps a step's activations (~16k pages at one thread) afresh every step; retained, they are reused.
     assert default > 4000
     assert retained < default / 10

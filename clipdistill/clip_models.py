@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from tqdm import tqdm
 
 from .augment import flip_translate
+from .resumable import Checkpoints, EpochOrder, run_steps
 from .runtime import PipelineError, read_checkpoint
 
 # OpenAI CLIP's preprocessing constants; the embedded teacher uses them too, so every teacher
@@ -229,11 +229,12 @@ def multi_positive_clip_loss(img: torch.Tensor, txt: torch.Tensor, token_ids: to
 
 def train_teacher(teacher: ClipTeacher, images: torch.Tensor, captions: list[str], *, epochs: int,
                   batch_size: int, lr: float, weight_decay: float, generator: torch.Generator,
-                  device: torch.device) -> list[float]:
+                  device: torch.device, checkpoints: Checkpoints | None = None) -> list[float]:
     """Image-caption contrastive training of the embedded teacher.
 
     images: uint8 [N, 3, H, W]; captions: N strings. AdamW + cosine schedule with warm-up;
-    light augmentation (flip, 4-px translation). Returns per-step losses.
+    light augmentation (flip, 4-px translation). `checkpoints` makes it resumable
+    (`resumable.run_steps`). Returns per-step losses.
     """
     teacher.train().to(device)
     tokens = teacher._tokenizer(captions)
@@ -241,44 +242,42 @@ def train_teacher(teacher: ClipTeacher, images: torch.Tensor, captions: list[str
     params_other = [p for n, p in teacher.model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": params_decay, "weight_decay": weight_decay},
                              {"params": params_other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
-    n = images.shape[0]
-    steps_per_epoch = max(1, n // batch_size)
-    total = epochs * steps_per_epoch
+    batches = EpochOrder(images.shape[0], batch_size, generator)
+    total = epochs * batches.steps_per_epoch
     warmup = max(1, total // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(s / total * 3.14159265)).item()))
-    losses = []
-    bar = tqdm(total=total, desc="teacher", disable=None)
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        for b in range(steps_per_epoch):
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            x = flip_translate(images[idx].float().div(255), generator).to(device)
-            tok = tokens[idx].to(device)
-            img_f = F.normalize(teacher.model.encode_image(teacher.preprocess(x)), dim=-1)
-            # Encode each distinct caption once: batches repeat captions, and the text tower dominates cost.
-            uniq, inverse = torch.unique(tok, dim=0, return_inverse=True)
-            txt_f = F.normalize(teacher.model.encode_text(uniq), dim=-1)[inverse]
-            loss = multi_positive_clip_loss(img_f, txt_f, tok, teacher.model.logit_scale.exp())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                teacher.model.logit_scale.clamp_(0, 4.6052)  # ln(100), as open_clip does
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
+
+    def step(i: int) -> float:
+        idx = batches.batch(i)
+        x = flip_translate(images[idx].float().div(255), generator).to(device)
+        tok = tokens[idx].to(device)
+        img_f = F.normalize(teacher.model.encode_image(teacher.preprocess(x)), dim=-1)
+        # Encode each distinct caption once: batches repeat captions, and the text tower dominates cost.
+        uniq, inverse = torch.unique(tok, dim=0, return_inverse=True)
+        txt_f = F.normalize(teacher.model.encode_text(uniq), dim=-1)[inverse]
+        loss = multi_positive_clip_loss(img_f, txt_f, tok, teacher.model.logit_scale.exp())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            teacher.model.logit_scale.clamp_(0, 4.6052)  # ln(100), as open_clip does
+        return loss.item()
+
+    losses = run_steps(step, total, state={"model": teacher.model, "optimizer": opt, "scheduler": sched,
+                                           "batches": batches},
+                       generators=[generator], checkpoints=checkpoints, desc="teacher")
     teacher.eval()
     return losses
 
 
 def materialise_clip(p, world_train: Path, image_size: int, generator: torch.Generator,
-                     device: torch.device) -> tuple[ClipTeacher, dict]:
+                     device: torch.device, checkpoints: Checkpoints | None = None) -> tuple[ClipTeacher, dict]:
     """The CLIP a `teacher`-shaped params section names: trained here on the world's captioned
     train split (source embedded) or loaded from open_clip (source open_clip). Returns
-    (model on CPU, summary). Used for the teacher and for the prompt students' smaller CLIP."""
+    (model on CPU, summary). Used for the teacher and for the prompt students' smaller CLIP.
+    `checkpoints` makes the training resumable."""
     from .data import load_captioned_split
 
     summary = {"source": p.source}
@@ -286,7 +285,8 @@ def materialise_clip(p, world_train: Path, image_size: int, generator: torch.Gen
         images, captions, _ = load_captioned_split(world_train, image_size)
         model = build_embedded_teacher(p, image_size)
         losses = train_teacher(model, images, captions, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
-                               weight_decay=p.weight_decay, generator=generator, device=device)
+                               weight_decay=p.weight_decay, generator=generator, device=device,
+                               checkpoints=checkpoints)
         summary.update(final_loss=sum(losses[-20:]) / len(losses[-20:]), steps=len(losses),
                        logit_scale=model.logit_scale)
     else:

@@ -47,8 +47,11 @@ def load_domain_folder(root: str | Path, classes: list[str], size: int,
     params, or a domain with no image is a one-line error.
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise PipelineError(f"image folder {root} is a file, not a folder (<root>/<domain>/<class>/*)")
     if not root.is_dir():
         raise PipelineError(f"image folder not found: {root}")
+    listed = bool(domains)  # the caller's domains (world.eval_domains), not the folder's own
     domains = domains or sorted(d.name for d in root.iterdir() if d.is_dir())
     if not domains:
         raise PipelineError(f"image folder {root} has no domain sub-folders (<root>/<domain>/<class>/*)")
@@ -56,11 +59,17 @@ def load_domain_folder(root: str | Path, classes: list[str], size: int,
     for domain in domains:
         droot = root / domain
         if not droot.is_dir():
-            raise PipelineError(f"domain folder not found: {droot}")
+            where = f" (world.eval_domains lists {domain!r})" if listed else ""
+            raise PipelineError(f"domain folder not found: {droot}{where}")
         present = {d.name for d in droot.iterdir() if d.is_dir()}
         unknown = sorted(present - set(classes))
         if unknown:
             raise PipelineError(f"class folder {droot / unknown[0]} is not in world.classes")
+        if not present:
+            hint = (f"; {domain} is a class name: is {root} <root>/<class>/* without the domain level?"
+                    if domain in classes else "")
+            raise PipelineError(f"domain folder {droot} has no class folder (<root>/<domain>/<class>/* with the "
+                                f"classes of world.classes: {', '.join(classes[:8])}){hint}")
         images, labels = [], []
         for label, cls in enumerate(classes):
             if cls not in present:

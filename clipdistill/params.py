@@ -14,8 +14,10 @@ from pathlib import Path
 
 import yaml
 
+from .runtime import PipelineError
 
-class ParamsError(ValueError):
+
+class ParamsError(PipelineError, ValueError):
     """A params.yaml problem; the message is one line naming the key."""
 
 
@@ -51,6 +53,7 @@ class TeacherParams:
     batch_size: int = 128
     lr: float = 4e-3
     weight_decay: float = 0.1
+    checkpoint_every: int = 100    # steps between resumable training-state saves (0 = only at the end)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class GeneratorParams:
     steps: int = 4800
     batch_size: int = 64
     lr: float = 2e-3
+    checkpoint_every: int = 500    # steps between resumable training-state saves (0 = only at the end)
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,7 @@ class DistillParams:
     augment: bool = True
     images: str = "synthetic"      # synthetic | world (the world's train images, labels discarded) | a folder
     base_to_novel: bool = True     # also train on the first half of the classes; evaluate base/novel/HM
+    checkpoint_every: int = 100    # steps between resumable training-state saves (0 = only at the end)
     # prompt students (PromptKD, KDPL)
     n_prompts: int = 4             # visual prompt tokens per layer (conv tower: side of a prompt map)
     prompt_depth: int = 4          # layers with visual prompts
@@ -218,9 +223,22 @@ POSITIVE = {
     "distill.temperature", "eval.batch_size", "eval.speed_batch", "distill.topk", "distill.kd_weight", "distill.n_ctx",
     "student_clip.embed_dim", "student_clip.epochs", "student_clip.batch_size", "student_clip.context_length",
 }
-NON_NEGATIVE = {"prompts.contrastive.bank_size", "prompts.contrastive.content_weight", "distill.n_prompts",
-                "distill.prompt_depth", "distill.visual_prompts"}
-NON_EMPTY = {"world.classes", "world.eval_domains", "world.train_styles", "text_features.templates"}
+# Sizes of the embedded CLIPs' towers (teacher, student_clip), all > 0.
+_CLIP_SIZES = ("embed_dim", "vision_width", "vision_layers", "vision_heads", "patch_size", "text_width",
+               "text_layers", "text_heads", "context_length", "epochs", "batch_size", "lr")
+POSITIVE |= {f"{section}.{key}" for section in ("teacher", "student_clip") for key in _CLIP_SIZES}
+# Learning rates and other step sizes: a zero or negative one trains nothing or climbs the loss.
+POSITIVE |= {"generator.lr", "generator.ch", "synthesize.lr", "distill.lr"}
+NON_NEGATIVE = {"teacher.checkpoint_every", "student_clip.checkpoint_every", "generator.checkpoint_every",
+                "distill.checkpoint_every", "prompts.contrastive.bank_size", "prompts.contrastive.content_weight", "distill.n_prompts",
+                "distill.prompt_depth", "distill.visual_prompts", "seed", "threads", "teacher.weight_decay",
+                "student_clip.weight_decay", "distill.weight_decay", "generator.num_res_blocks", "synthesize.cut_pow"}
+NON_EMPTY = {"world.classes", "world.eval_domains", "world.train_styles", "text_features.templates",
+             "generator.ch_mult"}
+# Keys whose entries become folder names (<root>/<domain>/<class>/, artifacts/world/<split>/<style>/<class>/).
+FOLDER_NAMES = ("world.classes", "world.eval_domains", "world.train_styles")
+_GROUPNORM_GROUPS = 32  # taming's blocks normalise with GroupNorm(32): every VQGAN width is a multiple of it
+_CONV_TOWER_POOLS = 4   # the embedded ConvImageTower halves the image 4 times
 
 
 def _type_name(tp) -> str:
@@ -297,12 +315,16 @@ def _check_values(p: Params) -> None:
     for key in NON_EMPTY:
         if not get(key):
             raise ParamsError(f"params key '{key}' is empty; list at least one entry")
-    for key in ("world.classes", "world.eval_domains", "world.train_styles"):
-        items = get(key)
-        if len(set(items)) != len(items):
-            raise ParamsError(f"params key '{key}' has duplicate entries")
+    for i, m in enumerate(p.generator.ch_mult):
+        if m <= 0:
+            raise ParamsError(f"params key 'generator.ch_mult[{i}]' must be > 0, got {m!r}")
+    for key in FOLDER_NAMES:
+        _check_folder_names(key, get(key))
     if p.world.source == "folder":
         _check_folder_world(p)
+    else:
+        _check_embedded_world(p)
+    _check_architectures(p)
     missing = [d for d in p.world.eval_domains if d not in p.world.train_styles]
     if p.world.source == "embedded" and p.teacher.source == "embedded" and missing:
         raise ParamsError(f"params key 'world.train_styles' lacks evaluated domain(s) {', '.join(missing)}")
@@ -334,6 +356,93 @@ def _check_values(p: Params) -> None:
     if p.generator.source == "taming" and not (p.generator.taming_config and p.generator.taming_checkpoint):
         raise ParamsError("params keys 'generator.taming_config' and 'generator.taming_checkpoint' are "
                           "required when generator.source is taming")
+
+
+def _check_folder_names(key: str, items: list[str]) -> None:
+    """Each entry is a folder name: non-empty, no path separator, not '.' or '..', listed once."""
+    seen = set()
+    for i, name in enumerate(items):
+        if not name.strip():
+            raise ParamsError(f"params key '{key}[{i}]' is empty; each entry names a folder")
+        bad = next((c for c in ("/", "\\", "\0") if c in name), None)
+        if bad is not None or name in (".", ".."):
+            what = f"contains {bad!r}" if bad is not None else "is not a folder name"
+            raise ParamsError(f"params key '{key}[{i}]' {name!r} {what}; each entry becomes a folder name")
+        if name in seen:
+            raise ParamsError(f"params key '{key}' lists {name!r} more than once")
+        seen.add(name)
+
+
+def _check_embedded_world(p: Params) -> None:
+    """world.source embedded: the procedural world renders only its own classes and styles, and the
+    stages that train on it need batches no larger than the images it holds."""
+    from .world import CLASSES, STYLES
+
+    w = p.world
+    unknown = [c for c in w.classes if c not in CLASSES]
+    if unknown:
+        raise ParamsError(f"params key 'world.classes' has {unknown[0]!r}, which the embedded world cannot render "
+                          f"(renderable: {', '.join(CLASSES)}); for other classes use world.source folder")
+    for key in ("world.train_styles", "world.eval_domains"):
+        unknown = [s for s in getattr(w, key.split(".")[1]) if s not in STYLES]
+        if unknown:
+            raise ParamsError(f"params key '{key}' has {unknown[0]!r}, which the embedded world cannot render "
+                              f"(styles: {', '.join(STYLES)})")
+    if w.image_size < 8:
+        raise ParamsError(f"params key 'world.image_size' is {w.image_size}; the embedded world renders at least 8 px")
+    n_classes = len(w.classes)
+    captioned = len(w.train_styles) * w.train_per_class_style * n_classes
+    for key in ("teacher", "student_clip"):
+        section = getattr(p, key)
+        if section.source == "embedded" and section.batch_size > captioned:
+            raise ParamsError(f"params key '{key}.batch_size' is {section.batch_size}, more than the {captioned} "
+                              f"captioned train images (world.train_styles x world.train_per_class_style x "
+                              f"world.classes)")
+    d = p.distill
+    if d.images not in ("synthetic", "world"):
+        return  # a folder of unlabeled images: counted when the distill stage reads it
+    if d.images == "synthetic":
+        per_class, what = p.prompts.per_class, "synthesized images (prompts.per_class x world.classes)"
+    else:
+        per_class = len(w.train_styles) * w.train_per_class_style
+        what = "world train images (world.train_styles x world.train_per_class_style x world.classes)"
+    if d.batch_size > per_class * n_classes:
+        raise ParamsError(f"params key 'distill.batch_size' is {d.batch_size}, more than the "
+                          f"{per_class * n_classes} {what}")
+    n_base = n_classes // 2
+    if d.base_to_novel and n_base and d.batch_size > per_class * n_base:
+        raise ParamsError(f"params key 'distill.batch_size' is {d.batch_size}, more than the {per_class * n_base} "
+                          f"images of the {n_base} base class{'es' if n_base > 1 else ''} that "
+                          f"distill.base_to_novel trains on")
+
+
+def _check_architectures(p: Params) -> None:
+    """What the embedded CLIPs and VQGAN can be built from, before a stage builds them."""
+    size = p.world.image_size
+    for key in ("teacher", "student_clip"):
+        c = getattr(p, key)
+        if c.source != "embedded":
+            continue
+        if c.text_width % c.text_heads:
+            raise ParamsError(f"params key '{key}.text_width' ({c.text_width}) must be a multiple of "
+                              f"{key}.text_heads ({c.text_heads})")
+        if c.vision == "vit" and c.vision_width % c.vision_heads:
+            raise ParamsError(f"params key '{key}.vision_width' ({c.vision_width}) must be a multiple of "
+                              f"{key}.vision_heads ({c.vision_heads})")
+        if c.vision == "convnet" and size < 2 ** _CONV_TOWER_POOLS:
+            raise ParamsError(f"params key 'world.image_size' is {size}; the embedded {key}'s conv tower "
+                              f"(vision: convnet) needs at least {2 ** _CONV_TOWER_POOLS} px")
+    g = p.generator
+    if g.source != "embedded":
+        return
+    widths = [g.ch * m for m in g.ch_mult]
+    if any(wd % _GROUPNORM_GROUPS for wd in [g.ch, *widths]):
+        raise ParamsError(f"params keys 'generator.ch' ({g.ch}) x 'generator.ch_mult' ({g.ch_mult}) must all be "
+                          f"multiples of {_GROUPNORM_GROUPS} (taming's blocks use GroupNorm({_GROUPNORM_GROUPS}))")
+    factor = 2 ** (len(g.ch_mult) - 1)
+    if size % factor:
+        raise ParamsError(f"params key 'world.image_size' is {size}, not divisible by the VQGAN's downsampling "
+                          f"factor {factor} (2 ** (len(generator.ch_mult) - 1))")
 
 
 def _check_folder_world(p: Params) -> None:
@@ -379,9 +488,21 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
-    with open(path) as fh:
-        try:
-            raw = yaml.load(fh, Loader=_Loader)
-        except yaml.YAMLError as exc:
-            raise ParamsError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    # Bytes, not text: PyYAML decodes them itself (UTF-8/16), and a bad byte is a YAMLError naming it.
+    try:
+        raw = yaml.load(path.read_bytes(), Loader=_Loader)
+    except yaml.reader.ReaderError as exc:  # a byte that does not decode, or a character YAML forbids
+        what = (f"character {exc.character:#04x} is not allowed" if exc.encoding == "unicode"
+                else f"not {exc.encoding} text (byte {exc.character:#04x})")
+        raise ParamsError(f"{path} is not valid YAML: {what} at position {exc.position}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ParamsError(f"{path} is not valid YAML: {what}{where}") from None
+    if raw is None:
+        raise ParamsError(f"params file {path} is empty; it must map params keys (seed, world, ...) to values")
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params file {path} must be a mapping of params keys (seed, world, ...), "
+                          f"got a {type(raw).__name__}")
     return parse_params(raw)

@@ -17,7 +17,9 @@ from torch import nn
 
 from .clip_models import CLIP_MEAN, CLIP_STD, ClipTeacher, ConvImageTower, build_clip, load_open_clip_teacher
 from .losses import promptkd_loss  # noqa: F401  (PromptKD's loss lives with the others)
-from .runtime import PipelineError, read_checkpoint, read_word_list
+from .params import ParamsError
+from .runtime import PipelineError, read_checkpoint
+from .text import read_words
 from .text_encoder import encode_with_context
 
 DEFAULT_CLASSNAMES = Path(__file__).parent / "assets" / "classnames.txt"
@@ -43,7 +45,8 @@ class VitPrompts(nn.Module):
         super().__init__()
         layers = len(visual.transformer.resblocks)
         if not 0 <= depth <= layers:
-            raise ValueError(f"visual prompt depth {depth} must be within 0..{layers} (the tower's layers)")
+            raise ParamsError(f"params key 'distill.prompt_depth': visual prompt depth {depth} must be within "
+                              f"0..{layers} (the ViT image tower's layers)")
         if not visual.transformer.batch_first:
             raise PipelineError("visual prompts need a batch-first open_clip transformer (open_clip >= 3)")
         self.visual = visual
@@ -99,8 +102,8 @@ class ConvPrompts(nn.Module):
         starts = [i for i, m in enumerate(visual.features) if isinstance(m, nn.Conv2d)] + [len(visual.features)]
         self.stage_bounds = list(zip(starts[:-1], starts[1:]))
         if not 0 <= depth <= len(self.stage_bounds):
-            raise ValueError(f"visual prompt depth {depth} must be within 0..{len(self.stage_bounds)} "
-                             f"(the conv tower's stages)")
+            raise ParamsError(f"params key 'distill.prompt_depth': visual prompt depth {depth} must be within "
+                              f"0..{len(self.stage_bounds)} (the conv image tower's stages)")
         self.visual = visual
         self.n_prompts = n_prompts if depth > 0 else 0
         self.depth = depth if n_prompts > 0 else 0
@@ -264,7 +267,8 @@ class KDPLStudent(_FrozenClipStudent):
         if ctx_init:
             init_ids = self.tokenizer.encode(ctx_init)
             if len(init_ids) != n_ctx:
-                raise ValueError(f"ctx_init '{ctx_init}' is {len(init_ids)} tokens, n_ctx is {n_ctx}")
+                raise ParamsError(f"params key 'distill.ctx_init' '{ctx_init}' is {len(init_ids)} tokens, "
+                                  f"distill.n_ctx is {n_ctx}: make them agree")
             with torch.no_grad():
                 ctx = model.token_embedding.weight[torch.tensor(init_ids)].detach().clone()
             self.prefix = ctx_init
@@ -289,7 +293,8 @@ class KDPLStudent(_FrozenClipStudent):
         prompts = [f"{self.prefix} {n.replace('_', ' ')}." for n in names]
         tokens = self.tokenizer(prompts)
         if tokens.shape[1] < self.n_ctx + 3:
-            raise ValueError(f"context length {tokens.shape[1]} leaves no room for {self.n_ctx} context tokens")
+            raise ParamsError(f"params key 'distill.n_ctx' {self.n_ctx}: the small CLIP's context length "
+                              f"{tokens.shape[1]} leaves no room for {self.n_ctx} context tokens")
         # the context must survive tokenization at rows 1 .. n_ctx (CLIP's BPE is word by word)
         expected = torch.tensor(self.tokenizer.encode(self.prefix))
         if not bool((tokens[:, 1:1 + self.n_ctx] == expected).all()):
@@ -346,7 +351,8 @@ def class_agnostic_logits(student: KDPLStudent, images: torch.Tensor, teacher_lo
 def load_classnames(path: str | Path = "") -> list[str]:
     """A class-name dictionary: one name per line, '#' starts a comment; empty path = the shipped
     clipdistill/assets/classnames.txt (KDPL-CA's stand-in for its ~21k-name dictionary)."""
-    return read_word_list(Path(path) if str(path) else DEFAULT_CLASSNAMES, "class-name dictionary")
+    return read_words(Path(path) if str(path) else DEFAULT_CLASSNAMES, "class-name dictionary",
+                      " (set distill.classnames_file)")
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -16,10 +16,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .runtime import PipelineError, read_word_list
+from .runtime import PipelineError, read_checkpoint
+from .text import read_words
 from .text_encoder import StyleTemplate, embedding_table, encode_with_pseudo_word
 
 DEFAULT_STYLES = Path(__file__).parent / "assets" / "styles.txt"
+PROMPT_COLUMNS = ("prompt_id", "class", "label", "method", "description", "text")  # prompts.csv, as table() writes it
 ENCODE_CHUNK = 256  # prompts per text-tower forward when nothing is optimised (bounds memory on ViT-L)
 
 
@@ -82,10 +84,10 @@ class VanillaPrompt:
 
 # ---------------------------------------------------------------- Mix-Prompt
 
-def load_styles(path: str | Path = "") -> list[str]:
+def load_styles(path: str | Path = "", what: str = "style dictionary",
+                hint: str = " (set prompts.mix.styles_file)") -> list[str]:
     """The style dictionary: one style per line, '#' starts a comment; empty path = the shipped one."""
-    return read_word_list(Path(path) if str(path) else DEFAULT_STYLES, "style dictionary",
-                          " (set prompts.mix.styles_file)")
+    return read_words(Path(path) if str(path) else DEFAULT_STYLES, what, hint)
 
 
 def mix_weights(n: int, k: int, alpha: float, generator: torch.Generator) -> torch.Tensor:
@@ -160,7 +162,8 @@ class RandomPrompt:
         self.scale = params.random.scale
         # The paper fits every row. A teacher trained on a small vocabulary (the embedded one)
         # leaves most rows at their random init; `fit_words` fits the rows of words it knows.
-        self.fit_words = load_styles(params.random.fit_words) if params.random.fit_words else None
+        self.fit_words = (load_styles(params.random.fit_words, "word list", " (set prompts.random.fit_words)")
+                          if params.random.fit_words else None)
 
     @torch.no_grad()
     def generate(self, teacher, classes: list[str], per_class: int, generator: torch.Generator) -> PromptSet:
@@ -286,7 +289,18 @@ def save_prompts(prompts: PromptSet, out_dir) -> None:
 def load_prompts(out_dir) -> tuple[pd.DataFrame, torch.Tensor]:
     """(table, features [N, D]) as the prompts stage wrote them."""
     out_dir = Path(out_dir)
-    if not (out_dir / "prompts.csv").is_file():
-        raise PipelineError(f"prompts not found: {out_dir / 'prompts.csv'} (run the prompts stage)")
-    blob = torch.load(out_dir / "features.pt", map_location="cpu", weights_only=True)
-    return pd.read_csv(out_dir / "prompts.csv", keep_default_na=False), blob["features"]
+    table_path, features_path = out_dir / "prompts.csv", out_dir / "features.pt"
+    if not table_path.is_file():
+        raise PipelineError(f"prompts not found: {table_path} (run the prompts stage)")
+    features = read_checkpoint(features_path, "prompt features", "prompts", "features")["features"]
+    try:
+        table = pd.read_csv(table_path, keep_default_na=False)
+        table[list(PROMPT_COLUMNS)]
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, KeyError) as exc:
+        raise PipelineError(f"prompts table {table_path} is unreadable: {type(exc).__name__} "
+                            f"{(str(exc).splitlines() or [''])[0][:120]}") from None
+    if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[0] != len(table):
+        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise PipelineError(f"prompt features {features_path} ({shape}) do not match the {len(table)} prompts of "
+                            f"{table_path}: rerun the prompts stage")
+    return table, features

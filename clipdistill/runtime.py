@@ -20,8 +20,12 @@ import numpy as np
 import torch
 
 
-class PipelineError(RuntimeError):
-    """A user-facing failure (bad input file, missing folder, ...); printed as one line."""
+class PipelineError(Exception):
+    """A user-facing failure (bad params, input file or folder); a stage prints it as one line.
+
+    The only exception type `run_stage` shortens: anything else is a bug and keeps its traceback.
+    Subclasses (`ParamsError`, `vqgan.CheckpointError`) also derive from ValueError, as callers expect.
+    """
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -63,11 +67,18 @@ def retain_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _HEAP_BLOCK_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _HEAP_KEEP))
 
 
+UNSAFE_LOAD_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
 def setup_torch(device: str, threads: int, retain_memory: bool = True) -> torch.device:
-    """Resolve `cpu | cuda | auto` once; fail clearly when cuda is asked for but absent.
+    """Resolve `cpu | cuda | auto` once; fail clearly when cuda is asked for but absent, or when
+    the environment turns torch's weights-only loading off.
 
     Also sets the CPU allocator policy of the process (`retain_freed_memory`) unless told not to.
     """
+    if os.environ.get(UNSAFE_LOAD_ENV, "") not in ("", "0"):
+        # open_clip retries some loads with a plain torch.load, which this variable makes unsafe
+        raise PipelineError(f"{UNSAFE_LOAD_ENV} is set, which lets a downloaded checkpoint run code; unset it")
     if retain_memory:
         retain_freed_memory()
     if threads > 0:
@@ -177,13 +188,20 @@ def write_json(path: str | Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def run_stage(main) -> None:
-    """Run a stage's main(); user errors exit 1 with one line on stderr, not a traceback."""
-    from .params import ParamsError
+DEBUG_ENV = "CLIPDISTILL_DEBUG"  # set to 1 to see the traceback of a user-facing error too
 
+
+def run_stage(main) -> None:
+    """Run a stage's main(); a PipelineError exits 1 with one line on stderr.
+
+    Every other exception is an internal bug and propagates with its traceback; so does a
+    PipelineError when CLIPDISTILL_DEBUG=1.
+    """
     try:
         main()
-    except (ParamsError, PipelineError, FileNotFoundError, ValueError) as exc:
+    except PipelineError as exc:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(1)

@@ -1,15 +1,14 @@
 """Sharded, resumable storage for synthesized images.
 
 Synthesis writes each finished shard to a work folder keyed by a hash of everything that
-determines its content (params, prompt features, generator and teacher files). DVC deletes a
+determines its content (params, prompt features, generator, teacher and class-vector files, the
+package's code: `resumable.work_key`). DVC deletes a
 stage's outputs before rerunning it, so the work folder lives beside the output: an interrupted
 run resumes from its finished shards, and a change of inputs starts a fresh key. On success the
 shards move into the output and the work folder is removed.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -17,22 +16,6 @@ from pathlib import Path
 import torch
 import torchvision
 from PIL import Image
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def work_key(config: dict, files: list[str | Path]) -> str:
-    """Stable 16-hex key of a JSON-able config and the contents of the input files."""
-    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for f in files:
-        h.update(file_digest(f).encode())
-    return h.hexdigest()[:16]
 
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:

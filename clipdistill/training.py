@@ -14,9 +14,9 @@ import math
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from .augment import student_augment
+from .resumable import Checkpoints, EpochOrder, run_steps
 from .runtime import Dist, PipelineError, autocast
 
 
@@ -28,17 +28,18 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 
 def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss_fn, *, temperature: float,
             epochs: int, batch_size: int, lr: float, weight_decay: float, augment: bool, optimizer: str = "adamw",
-            generator: torch.Generator, device: torch.device, log=None, student_step=None,
-            amp_dtype: torch.dtype | None = None, dist: Dist = Dist()) -> list[float]:
+            generator: torch.Generator, device: torch.device, student_step=None,
+            amp_dtype: torch.dtype | None = None, dist: Dist = Dist(),
+            checkpoints: Checkpoints | None = None) -> list[float]:
     """Train `student` to match `teacher_logits(x) -> [B, C]` on uint8 `images` [N, 3, H, W].
 
     AdamW (or SGD with momentum 0.9, `optimizer="sgd"`, as CoOp, KDPL and PromptKD train prompts)
     with a cosine schedule and one warm-up epoch; only parameters with requires_grad train.
-    `log(step, loss)` is called per epoch if given. `student_step(model, x, teacher_logits) ->
-    (student logits, teacher logits)` replaces `model(x)` when the student decides which classes a
-    step scores (KDPL-CA's top-K); `model` is the student, DDP-wrapped under torchrun. Forward
-    passes run under autocast at `amp_dtype` (None: fp32); the loss is fp32. Returns per-step
-    losses (averaged over ranks).
+    `student_step(model, x, teacher_logits) -> (student logits, teacher logits)` replaces
+    `model(x)` when the student decides which classes a step scores (KDPL-CA's top-K); `model` is
+    the student, DDP-wrapped under torchrun. Forward passes run under autocast at `amp_dtype`
+    (None: fp32); the loss is fp32. `checkpoints` makes the run resumable (`resumable.run_steps`).
+    Returns per-step losses (averaged over ranks); `epoch_losses` turns them into per-epoch means.
     """
     student.to(device).train()
     model = student
@@ -57,36 +58,37 @@ def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     else:
         raise ValueError(f"unknown optimizer {optimizer!r} (adamw | sgd)")
-    n = images.shape[0]
-    steps_per_epoch = max(1, n // batch_size)  # drop the last partial batch: BatchNorm needs > 1
-    total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, steps_per_epoch))
-    losses = []
-    bar = tqdm(total=total, desc="distill", disable=None if dist.main else True)
-    for epoch in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        for b in range(steps_per_epoch):
-            x = images[order[b * batch_size:(b + 1) * batch_size]].float().div(255)
-            if augment:
-                x = student_augment(x, generator)
-            x = x[mine].to(device)
-            with autocast(device, amp_dtype):
-                with torch.no_grad():
-                    t = teacher_logits(x)
-                s, t = student_step(model, x, t) if student_step is not None else (model(x), t)
-            loss = loss_fn(s.float(), t.float(), temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(_rank_mean(loss.detach(), dist))
-            bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-steps_per_epoch:]) / steps_per_epoch:.4f}")
-        if log is not None:
-            log(epoch, sum(losses[-steps_per_epoch:]) / steps_per_epoch)
-    bar.close()
+    batches = EpochOrder(images.shape[0], batch_size, generator)
+    total = epochs * batches.steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, batches.steps_per_epoch))
+
+    def step(i: int) -> float:
+        x = images[batches.batch(i)].float().div(255)
+        if augment:
+            x = student_augment(x, generator)
+        x = x[mine].to(device)
+        with autocast(device, amp_dtype):
+            with torch.no_grad():
+                t = teacher_logits(x)
+            s, t = student_step(model, x, t) if student_step is not None else (model(x), t)
+        loss = loss_fn(s.float(), t.float(), temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return _rank_mean(loss.detach(), dist)
+
+    losses = run_steps(step, total, state={"student": student, "optimizer": opt, "scheduler": sched,
+                                           "batches": batches},
+                       generators=[generator], checkpoints=checkpoints, desc="distill", progress=dist.main)
     student.eval()
     return losses
+
+
+def epoch_losses(losses: list[float], epochs: int) -> list[float]:
+    """Mean loss of each epoch from `distill`'s per-step losses."""
+    per = len(losses) // epochs
+    return [sum(losses[e * per:(e + 1) * per]) / per for e in range(epochs)]
 
 
 def _rank_mean(value: torch.Tensor, dist: Dist) -> float:

@@ -1,8 +1,8 @@
 """VQGAN image prior for synthesis: taming-transformers' encoder/decoder without Lightning or the GAN loss.
 
 Holds the model (nearest-neighbour "vq" or "gumbel" codebook), a small CPU-friendly reconstruction trainer, PSNR
-evaluation, our own checkpoint format, and a loader for official taming-transformers releases (YAML config +
-Lightning .ckpt of a VQModel or GumbelVQ) whose state_dict keys load unchanged, without pytorch-lightning.
+evaluation and our own checkpoint format. Parameter names follow taming's VQModel / GumbelVQ, so official releases
+load unchanged: see clipdistill.taming_release.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ import contextlib
 import io
 import math
 import os
-import pickle
 import tempfile
-import types
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -21,7 +19,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from .resumable import Checkpoints, TensorState, run_steps
+from .runtime import PipelineError
 
 # Only the building blocks: taming.models.vqgan pulls in pytorch-lightning APIs that no longer exist.
 from taming.modules.diffusionmodules.model import Decoder, Encoder
@@ -33,7 +33,8 @@ __all__ = [
     "reconstruction_psnr",
     "save_checkpoint",
     "load_checkpoint",
-    "load_taming_checkpoint",
+    "CheckpointError",
+    "MissingCheckpointError",
 ]
 
 _GROUPNORM_GROUPS = 32  # taming's Normalize() is GroupNorm(32, C)
@@ -282,6 +283,7 @@ def train_vqgan(
     progress: bool = True,
     restart_every: int = 100,
     callback: Callable[[int, float], None] | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> list[float]:
     """Train a quantizer "vq" ``model`` in place to reconstruct ``images``; returns the total loss of every step.
 
@@ -299,6 +301,7 @@ def train_vqgan(
 
     All randomness (batch sampling, flips, restart picks, dropout) derives from ``seed``; the global RNG
     state is left untouched. Same seed, same initial weights and same thread count -> identical weights.
+    ``checkpoints`` makes the run resumable (``resumable.run_steps``): a resumed run ends identical too.
     """
     if steps < 0 or batch_size < 1:
         raise ValueError(f"train_vqgan: need steps >= 0 and batch_size >= 1, got {steps}, {batch_size}")
@@ -312,40 +315,44 @@ def train_vqgan(
     n = images.shape[0]
     quantizer = model.quantize
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9))
-    usage = torch.zeros(quantizer.n_embed, dtype=torch.long, device=device)
-    losses: list[float] = []
+    usage = TensorState(torch.zeros(quantizer.n_embed, dtype=torch.long, device=device))
     was_training = model.training
     model.train()
     fork_devices = [device] if device.type == "cuda" else []
+
+    def step_fn(step: int) -> float:
+        idx = torch.randint(0, n, (batch_size,), generator=gen)
+        x = _to_unit_float(images[idx]).mul_(2).sub_(1)
+        flip_h = torch.rand(batch_size, generator=gen) < 0.5
+        flip_v = torch.rand(batch_size, generator=gen) < 0.5
+        x = torch.where(flip_h[:, None, None, None], x.flip(-1), x)
+        x = torch.where(flip_v[:, None, None, None], x.flip(-2), x)
+        x = x.to(device, non_blocking=True)
+
+        z = model.encode_continuous(x)
+        zq, qloss, codes = model.vector_quantize(z)
+        rec = model.decode(zq)
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + qloss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        usage.tensor += torch.bincount(codes.flatten(), minlength=quantizer.n_embed)
+        # counting the current batch first means a restart never wipes codes that are in use, so
+        # step 0 acts as a data-dependent init for a fresh model and is harmless for a trained one
+        if step % restart_every == 0:
+            _restart_dead_codes(quantizer, opt, usage.tensor, z.detach(), gen)
+            usage.tensor.zero_()
+        value = float(loss.detach())
+        if callback is not None:
+            callback(step, value)
+        return value
+
     try:
         with torch.random.fork_rng(devices=fork_devices):
             # dropout draws from the global RNG; seed it inside the fork so it is reproducible but not leaked
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-            for step in tqdm(range(steps), desc="vqgan", disable=None if progress else True, leave=False):
-                idx = torch.randint(0, n, (batch_size,), generator=gen)
-                x = _to_unit_float(images[idx]).mul_(2).sub_(1)
-                flip_h = torch.rand(batch_size, generator=gen) < 0.5
-                flip_v = torch.rand(batch_size, generator=gen) < 0.5
-                x = torch.where(flip_h[:, None, None, None], x.flip(-1), x)
-                x = torch.where(flip_v[:, None, None, None], x.flip(-2), x)
-                x = x.to(device, non_blocking=True)
-
-                z = model.encode_continuous(x)
-                zq, qloss, codes = model.vector_quantize(z)
-                rec = model.decode(zq)
-                loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + qloss
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                usage += torch.bincount(codes.flatten(), minlength=quantizer.n_embed)
-                # counting the current batch first means a restart never wipes codes that are in use, so
-                # step 0 acts as a data-dependent init for a fresh model and is harmless for a trained one
-                if step % restart_every == 0:
-                    _restart_dead_codes(quantizer, opt, usage, z.detach(), gen)
-                    usage.zero_()
-                losses.append(float(loss.detach()))
-                if callback is not None:
-                    callback(step, losses[-1])
+            losses = run_steps(step_fn, steps, state={"model": model, "optimizer": opt, "usage": usage},
+                               generators=[gen], checkpoints=checkpoints, desc="vqgan", progress=progress)
     finally:
         model.train(was_training)
     return losses
@@ -397,7 +404,7 @@ def reconstruction_psnr(model: VQGAN, images: Tensor, batch_size: int = 256) -> 
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PipelineError, ValueError):
     """A checkpoint file is missing, unreadable or lacks expected content."""
 
 
@@ -489,161 +496,3 @@ def _first(items: list, n: int = 5) -> str:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-# ------------------------------------------------------------------------------ official taming releases
-
-# The releases listed in taming-transformers' README (link name -> table row) that this loader reads.
-_TAMING_RELEASES = {
-    "vqgan_imagenet_f16_1024": "VQGAN ImageNet (f=16), 1024",
-    "vqgan_imagenet_f16_16384": "VQGAN ImageNet (f=16), 16384",
-    "vqgan_gumbel_f8": "VQGAN OpenImages (f=8), 8192, GumbelQuantization",
-}
-# model.target of a release config -> VQGANConfig.quantizer
-_TAMING_TARGETS = {"taming.models.vqgan.VQModel": "vq", "taming.models.vqgan.GumbelVQ": "gumbel"}
-# Architecture-changing ddconfig keys this module does not implement, with the only value it supports.
-_DDCONFIG_FIXED = {"resamp_with_conv": True, "give_pre_end": False, "tanh_out": False}
-# Lightning checkpoints pickle callback classes (e.g. the ModelCheckpoint state is keyed by its class); objects
-# from these packages are read as placeholders without importing them.
-_PLACEHOLDER_PACKAGES = frozenset({"pytorch_lightning", "lightning", "lightning_fabric"})
-
-
-def load_taming_checkpoint(config_path: str | os.PathLike, ckpt_path: str | os.PathLike) -> VQGAN:
-    """Load an official taming-transformers release: YAML config + Lightning .ckpt -> CPU VQGAN (eval mode).
-
-    config_path: the release's ``model.yaml``; ``model.target`` must be ``taming.models.vqgan.VQModel``
-    (quantizer "vq": VectorQuantizer / VectorQuantizer2 checkpoints, key ``quantize.embedding.weight``) or
-    ``taming.models.vqgan.GumbelVQ`` (quantizer "gumbel": keys ``quantize.proj.*`` and ``quantize.embed.weight``).
-    ``model.params.{embed_dim, n_embed, ddconfig}`` give the architecture (``kl_weight`` too for GumbelVQ);
-    ``lossconfig``, ``temperature_scheduler_config``, ``monitor``, ``sane_index_shape`` and ``legacy`` only
-    matter for training and are ignored, so nothing is built that would download LPIPS/VGG weights.
-    ``remap`` must be null.
-
-    ckpt_path: the release's ``last.ckpt``. It is unpickled with ``weights_only=False``, which can execute code:
-    only pass trusted files. pytorch-lightning is neither needed nor imported: pickled Lightning objects (callback
-    states) come back as inert placeholders. The ``state_dict`` (or a bare state dict) is loaded strictly after
-    dropping the training-only ``loss.*`` keys (discriminator, LPIPS); other Lightning keys are ignored.
-
-    Raises FileNotFoundError naming a missing file and the release to download, ValueError (one line, naming
-    the file) for malformed configs and for unreadable or non-matching checkpoints, NotImplementedError for
-    configs this module cannot represent.
-    """
-    config_path, ckpt_path = Path(config_path), Path(ckpt_path)
-    for path, what in ((config_path, "config"), (ckpt_path, "checkpoint")):
-        if not path.is_file():
-            raise _missing_release_file(path, what)
-    cfg = _taming_config(config_path)
-    try:
-        model = VQGAN(cfg)
-    except ValueError as exc:
-        raise ValueError(f"taming config {config_path}: unusable architecture: {_one_line(exc)}") from exc
-    _load_state(model, _lightning_state_dict(ckpt_path), ckpt_path)
-    return model.eval()
-
-
-def _missing_release_file(path: Path, what: str) -> MissingCheckpointError:
-    release = _guess_release(path)
-    if release:
-        source = f"the official taming-transformers release {release} (README row '{_TAMING_RELEASES[release]}')"
-    else:
-        source = f"an official taming-transformers release (one of {', '.join(_TAMING_RELEASES)})"
-    name = "model.yaml" if what == "config" else "last.ckpt"
-    return MissingCheckpointError(
-        f"taming VQGAN {what} {path} does not exist: download {name} of {source} and save it as exactly this path"
-    )
-
-
-def _guess_release(path: Path) -> str | None:
-    """Release name from a path like ``<release>.ckpt`` or ``<release>/configs/model.yaml``, if one matches."""
-    for part in (path.stem, *(parent.name for parent in path.parents)):
-        for name in _TAMING_RELEASES:
-            # the Gumbel release is also kept as vqgan_gumbel_f8_8192.*
-            if part == name or part.startswith(name + "_"):
-                return name
-    return None
-
-
-def _taming_config(path: Path) -> VQGANConfig:
-    """Parse a release ``model.yaml`` into a VQGANConfig (not yet validated: VQGAN() does that)."""
-    import yaml  # local: only this loader needs it
-
-    try:
-        raw = yaml.safe_load(path.read_text())
-        target = str(raw["model"]["target"])
-        params = raw["model"]["params"]
-        ddconfig = dict(params["ddconfig"])
-        n_embed, embed_dim = int(params["n_embed"]), int(params["embed_dim"])
-        kl_weight = float(params.get("kl_weight", 1e-8))  # GumbelVQ's default
-    except (yaml.YAMLError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
-        raise ValueError(
-            f"taming config {path} is not in the official layout "
-            f"(model.target, model.params.{{embed_dim,n_embed,ddconfig}}): {_one_line(exc)}"
-        ) from exc
-    if target not in _TAMING_TARGETS:
-        raise NotImplementedError(
-            f"taming config {path}: model.target {target} is not supported (supported: {', '.join(_TAMING_TARGETS)})"
-        )
-    if params.get("remap") is not None:
-        raise NotImplementedError(f"taming config {path}: codebook remapping ('remap') is not supported")
-    for key, supported in _DDCONFIG_FIXED.items():
-        if key in ddconfig and bool(ddconfig[key]) != supported:
-            raise NotImplementedError(f"taming config {path}: ddconfig {key}={ddconfig[key]} is not supported")
-    known = {f.name for f in fields(VQGANConfig)} - set(_QUANTIZER_FIELDS)
-    # taming's Encoder/Decoder swallow unknown kwargs too, so ignoring the rest matches its behaviour
-    cfg_kwargs = {k: v for k, v in ddconfig.items() if k in known}
-    try:
-        return VQGANConfig(
-            embed_dim=embed_dim, n_embed=n_embed, quantizer=_TAMING_TARGETS[target], kl_weight=kl_weight, **cfg_kwargs
-        )
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"taming config {path}: unusable ddconfig: {_one_line(exc)}") from exc
-
-
-def _lightning_state_dict(path: Path) -> dict[str, Tensor]:
-    """The model weights of a Lightning .ckpt (or of a bare pickled state dict), without ``loss.*`` keys."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PLACEHOLDER_PICKLE)
-    except Exception as exc:  # pickle, zip and torch errors alike: whatever it is, the file is unusable
-        raise CheckpointError(f"taming checkpoint {path} is unreadable or corrupt: {_one_line(exc)[:300]}") from exc
-    state = None
-    if isinstance(ckpt, dict) and "state_dict" in ckpt:
-        state = ckpt["state_dict"]
-    elif isinstance(ckpt, dict) and all(isinstance(v, Tensor) for v in ckpt.values()):
-        state = ckpt  # a bare state dict
-    if not isinstance(state, dict) or not state:
-        found = sorted(map(str, ckpt))[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"taming checkpoint {path} holds no state_dict (found {found})")
-    return {k: v for k, v in state.items() if not str(k).startswith("loss.")}
-
-
-class _Placeholder(dict):
-    """Stands in for a pickled object whose class is not imported; a dict so pickled dict subclasses load too.
-
-    Only the state_dict of a checkpoint is used, so whatever these held (callback states) is dropped.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__()
-
-    def __setstate__(self, state) -> None:
-        pass
-
-
-class _PlaceholderUnpickler(pickle.Unpickler):
-    """Unpickler that never imports Lightning and replaces classes that cannot be imported by placeholders."""
-
-    def find_class(self, module: str, name: str):
-        if module.split(".")[0] not in _PLACEHOLDER_PACKAGES:
-            try:
-                return super().find_class(module, name)
-            except (ImportError, AttributeError):
-                pass
-        return type(name, (_Placeholder,), {"__module__": module})
-
-
-# the ``pickle_module`` torch.load unpickles with: it needs Unpickler, load and __name__
-_PLACEHOLDER_PICKLE = types.SimpleNamespace(
-    __name__=f"{__name__}._PLACEHOLDER_PICKLE",
-    Unpickler=_PlaceholderUnpickler,
-    load=lambda file, **kwargs: _PlaceholderUnpickler(file, **kwargs).load(),
-)

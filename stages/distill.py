@@ -10,7 +10,10 @@ With distill.base_to_novel, a second student trains on the first half of the cla
 (student_b2n.pt) for the base-to-novel evaluation.
 Under torchrun (`torchrun --nproc_per_node N stages/distill.py ...`) the student trains with
 DistributedDataParallel, distill.batch_size being the global batch; rank 0 writes the output.
+Training saves its state every distill.checkpoint_every steps in artifacts/.student.work/<key>/
+(rank 0 writes, every rank resumes); a rerun after a kill resumes from there.
 """
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,13 +22,14 @@ from clipdistill.clip_models import load_teacher
 from clipdistill.data import load_shards, load_unlabeled_folder
 from clipdistill.losses import get_loss
 from clipdistill.params import load_params
+from clipdistill.resumable import Checkpoints
 from clipdistill.prompt_students import class_agnostic_logits, load_classnames
 from clipdistill.runtime import (Dist, PipelineError, atomic_dir, channels_last, init_distributed, resolve_precision,
                                  run_stage, seed_everything, setup_torch, stage_args, write_json)
 from clipdistill.students import build_student, save_student, set_classes
 from clipdistill.text import class_vectors as text_class_vectors
 from clipdistill.text import load_class_vectors
-from clipdistill.training import distill
+from clipdistill.training import distill, epoch_losses
 
 # KDPL-CA scores thousands of dictionary names: one template keeps that a single text pass.
 DICTIONARY_TEMPLATES = ["a photo of a {}."]
@@ -42,8 +46,10 @@ def training_images(p, args) -> tuple[torch.Tensor, torch.Tensor]:
     return load_unlabeled_folder(root, list(p.world.classes), p.world.image_size)
 
 
-def train_student(p, classes, vectors, images, teacher, small_clip, gen, device, log=None, dist: Dist = Dist()):
-    """One student over `classes` (teacher class vectors `vectors` [C, D]) on `images`."""
+def train_student(p, classes, vectors, images, teacher, small_clip, gen, device, checkpoints: Checkpoints,
+                  dist: Dist = Dist()):
+    """One student over `classes` (teacher class vectors `vectors` [C, D]) on `images`; returns
+    (student on CPU, per-step losses)."""
     d = p.distill
     student = build_student(d, vectors.cpu(), teacher.logit_scale, classes, small_clip, gen)
     channels_last(student.to(device), device)
@@ -60,13 +66,12 @@ def train_student(p, classes, vectors, images, teacher, small_clip, gen, device,
         teacher_logits = lambda x: student.logit_scale * teacher.encode_image(x) @ target.t()  # noqa: E731
     else:
         teacher_logits = lambda x: teacher.logits(x, vectors)  # noqa: E731
-    distill(student, teacher_logits, images, get_loss(d.loss, d.kd_weight), temperature=d.temperature,
-            epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay, augment=d.augment,
-            optimizer=d.optimizer,
-            generator=gen, device=device, log=log, student_step=step,
-            amp_dtype=resolve_precision(p.precision, device), dist=dist)
+    losses = distill(student, teacher_logits, images, get_loss(d.loss, d.kd_weight), temperature=d.temperature,
+                     epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay,
+                     augment=d.augment, optimizer=d.optimizer, generator=gen, device=device, student_step=step,
+                     amp_dtype=resolve_precision(p.precision, device), dist=dist, checkpoints=checkpoints)
     set_classes(student, classes, vectors.cpu())  # KDPL-CA: back from the dictionary to the task's classes
-    return student.cpu()
+    return student.cpu(), losses
 
 
 def main():
@@ -80,9 +85,15 @@ def main():
     small_clip = load_teacher(args.student_clip, device) if d.student != "cnn" else None
     cv = load_class_vectors(args.text_features)
     classes, vectors = list(cv["classes"]), cv["features"].to(device)
-    history = []
-    student = train_student(p, classes, vectors, images, teacher, small_clip, gen, device,
-                            log=lambda epoch, loss: history.append({"epoch": epoch, "loss": loss}), dist=dist)
+    inputs = [args.teacher, args.text_features, args.student_clip]
+    inputs += [args.synth] if d.images == "synthetic" else [Path(args.world) / "train" if d.images == "world"
+                                                            else d.images]
+    checkpoints = Checkpoints.for_stage(
+        args.out, {"distill": asdict(d), "seed": p.seed, "threads": p.threads, "device": p.device,
+                   "precision": p.precision, "world_size": dist.world}, inputs, d.checkpoint_every, dist)
+    student, losses = train_student(p, classes, vectors, images, teacher, small_clip, gen, device,
+                                    checkpoints.sub("student"), dist)
+    history = [{"epoch": e, "loss": loss} for e, loss in enumerate(epoch_losses(losses, d.epochs))]
     b2n = None
     if d.base_to_novel:
         n_base = len(classes) // 2
@@ -92,8 +103,8 @@ def main():
         if keep.sum() < d.batch_size:
             raise PipelineError(f"distill.base_to_novel: only {int(keep.sum())} training images belong to the base "
                                 f"classes {classes[:n_base]} (a folder must be <root>/<domain>/<class>/*)")
-        b2n = train_student(p, classes[:n_base], vectors[:n_base], images[keep], teacher, small_clip, gen, device,
-                            dist=dist)
+        b2n, _ = train_student(p, classes[:n_base], vectors[:n_base], images[keep], teacher, small_clip, gen,
+                               device, checkpoints.sub("student_b2n"), dist)
     dist.close()
     if not dist.main:
         return
@@ -102,6 +113,7 @@ def main():
         if b2n is not None:
             save_student(b2n, tmp / "student_b2n.pt")
         write_json(tmp / "history.json", history)
+    checkpoints.clear()
     print(f"distill: {d.student} student, {len(history) and history[-1]['epoch'] + 1} epochs on {images.shape[0]} "
           f"{d.images} images, final loss {history[-1]['loss']:.4f}")
 

@@ -3,14 +3,18 @@
 generator.source=embedded trains a small VQGAN built from taming-transformers modules on the
 world's train images (reconstruction + codebook losses only: nothing is downloaded);
 generator.source=taming loads an official taming config + checkpoint from local paths.
-Reports reconstruction PSNR on the world's test images.
+Reports reconstruction PSNR on the world's test images. Training saves its state every
+generator.checkpoint_every steps in artifacts/.generator.work/<key>/; a rerun after a kill resumes.
 """
+from dataclasses import asdict
 from pathlib import Path
 
 from clipdistill.data import load_captioned_split, load_domain_folder, world_test_root
 from clipdistill.params import load_params
+from clipdistill.resumable import Checkpoints
 from clipdistill.runtime import atomic_dir, run_stage, seed_everything, setup_torch, stage_args, write_json
-from clipdistill.vqgan import VQGAN, VQGANConfig, load_taming_checkpoint, reconstruction_psnr, save_checkpoint, train_vqgan
+from clipdistill.taming_release import load_taming_checkpoint
+from clipdistill.vqgan import VQGAN, VQGANConfig, reconstruction_psnr, save_checkpoint, train_vqgan
 
 PSNR_IMAGES = 256
 
@@ -26,8 +30,13 @@ def main():
         cfg = VQGANConfig(embed_dim=g.embed_dim, n_embed=g.n_embed, z_channels=g.embed_dim, resolution=size,
                           ch=g.ch, ch_mult=tuple(g.ch_mult), num_res_blocks=g.num_res_blocks)
         model = VQGAN(cfg).to(device)
-        images, _, _ = load_captioned_split(Path(args.world) / "train", size)
-        losses = train_vqgan(model, images.to(device), steps=g.steps, batch_size=g.batch_size, lr=g.lr, seed=p.seed)
+        world_train = Path(args.world) / "train"
+        images, _, _ = load_captioned_split(world_train, size)
+        checkpoints = Checkpoints.for_stage(
+            args.out, {"generator": asdict(g), "seed": p.seed, "threads": p.threads, "device": p.device,
+                       "image_size": size}, [world_train], g.checkpoint_every)
+        losses = train_vqgan(model, images.to(device), steps=g.steps, batch_size=g.batch_size, lr=g.lr, seed=p.seed,
+                             checkpoints=checkpoints)
         summary = {"source": "embedded", "final_loss": sum(losses[-50:]) / len(losses[-50:])}
     else:
         model = load_taming_checkpoint(g.taming_config, g.taming_checkpoint).to(device)
@@ -44,6 +53,8 @@ def main():
     with atomic_dir(args.out) as tmp:
         save_checkpoint(model.cpu(), cfg, tmp / "vqgan.pt")
         write_json(tmp / "metrics.json", summary)
+    if g.source == "embedded":
+        checkpoints.clear()
     print(f"generator: reconstruction PSNR {psnr} dB")
 
 

@@ -20,7 +20,8 @@ from clipdistill.params import load_params
 from clipdistill.prompts import load_prompts
 from clipdistill.runtime import (atomic_dir, channels_last, init_distributed, resolve_precision, run_stage, setup_torch,
                                  stage_args, write_json)
-from clipdistill.shards import finalize, load_shard, preview_grid, save_shard, shard_name, shard_ranges, work_key
+from clipdistill.resumable import remove_work_dir, work_dir, work_key
+from clipdistill.shards import finalize, load_shard, preview_grid, save_shard, shard_name, shard_ranges
 from clipdistill.synthesis import synthesize_batch
 from clipdistill.text import load_class_vectors
 from clipdistill.vqgan import load_checkpoint as load_vqgan
@@ -47,10 +48,11 @@ def main():
     latent_hw = (p.world.image_size // f, p.world.image_size // f)
 
     out = Path(args.out)
-    key = work_key({"synthesize": vars(s), "seed": p.seed, "image_size": p.world.image_size},
+    key = work_key({"synthesize": vars(s), "seed": p.seed, "image_size": p.world.image_size,
+                    "precision": p.precision, "device": p.device, "threads": p.threads},
                    [Path(args.prompts) / "features.pt", Path(args.generator) / "vqgan.pt",
-                    Path(args.teacher) / "teacher.pt"])
-    work = out.with_name(f".{out.name}.work") / key
+                    Path(args.teacher) / "teacher.pt", Path(args.text_features) / "class_vectors.pt"])
+    work = work_dir(out, key)
     work.mkdir(parents=True, exist_ok=True)
     ranges = shard_ranges(len(table), s.shard_size)
     mine = [i for i in range(len(ranges)) if i % dist.world == dist.rank]
@@ -107,7 +109,7 @@ def main():
         write_json(tmp / "metrics.json", metrics)
         preview_grid(images, index["label"].tolist(), len(p.world.classes)).save(tmp / "preview.png")
         finalize(work, tmp, [shard_name(i) for i in range(len(ranges))])
-    work.parent.rmdir() if not any(work.parent.iterdir()) else None
+    remove_work_dir(work)
     dist.close()
     print(f"synthesize: {len(index)} images; mean teacher confidence {metrics['teacher_confidence']:.3f}, "
           f"image diversity {metrics['image_diversity']['mean']:.4f}")

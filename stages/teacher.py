@@ -3,11 +3,15 @@
 source=embedded trains the small open_clip CLIP on the world's captioned train split;
 source=open_clip loads an open_clip architecture with a pretrained tag or local file.
 `--section student_clip` materialises the smaller CLIP the prompt students start from.
+Training saves its state every <section>.checkpoint_every steps in <out>'s work folder
+(artifacts/.<out name>.work/<key>/); a rerun after a kill resumes from there.
 """
+from dataclasses import asdict
 from pathlib import Path
 
 from clipdistill.clip_models import materialise_clip, save_teacher
 from clipdistill.params import load_params
+from clipdistill.resumable import Checkpoints
 from clipdistill.runtime import PipelineError, atomic_dir, run_stage, seed_everything, setup_torch, stage_args, write_json
 
 
@@ -18,11 +22,16 @@ def main():
     p = load_params(args.params)
     device = setup_torch(p.device, p.threads)
     gen = seed_everything(p.seed)
-    model, summary = materialise_clip(getattr(p, args.section), Path(args.world) / "train", p.world.image_size,
-                                      gen, device)
+    section = getattr(p, args.section)
+    world_train = Path(args.world) / "train"
+    checkpoints = Checkpoints.for_stage(
+        args.out, {args.section: asdict(section), "seed": p.seed, "threads": p.threads, "device": p.device,
+                   "image_size": p.world.image_size}, [world_train], section.checkpoint_every)
+    model, summary = materialise_clip(section, world_train, p.world.image_size, gen, device, checkpoints)
     with atomic_dir(args.out) as tmp:
         save_teacher(model, tmp / "teacher.pt")
         write_json(tmp / "summary.json", summary)
+    checkpoints.clear()
     print(f"{args.section}: {summary}")
 
 

@@ -3,12 +3,13 @@
 Configs reproduce the releases' ``model.yaml`` (model.target, model.params with lossconfig, ...). Weights come
 from taming's own Encoder/Decoder/VectorQuantizer (the PyPI package) at the configs' shapes; GumbelQuantize is
 not in that package, so its two tensors are built under the official names and shapes. Checkpoints are
-Lightning-style pickles: state_dict with ``loss.*`` keys, optimizer states, and callback state keyed by a class
-that is pickled as pytorch-lightning's ModelCheckpoint.
+Lightning-style pickles: an OrderedDict state_dict with ``loss.*`` keys, optimizer states, and callback state keyed
+by a class that is pickled as pytorch-lightning's ModelCheckpoint, holding a tensor and a numpy scalar.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import io
@@ -16,6 +17,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from taming.modules.diffusionmodules.model import Decoder, Encoder
@@ -138,10 +140,12 @@ def lightning_checkpoint(state_dict: dict[str, torch.Tensor], seed: int = 0) -> 
         "epoch": 7,
         "global_step": 123456,
         "pytorch-lightning_version": "1.0.8",
-        "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.25), "best_model_path": "last.ckpt"}},
+        # monitored values: a tensor, and a numpy scalar as some Lightning versions and loggers leave them
+        "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.25), "best_model_path": "last.ckpt",
+                                        "current_score": np.float64(0.25)}},
         "optimizer_states": [adam, copy.deepcopy(adam)],
         "lr_schedulers": [],
-        "state_dict": {**state_dict, **loss},
+        "state_dict": collections.OrderedDict({**state_dict, **loss}),  # Module.state_dict() is an OrderedDict
     }
 
 
@@ -152,9 +156,14 @@ def write_release(directory: Path, config: dict, state_dict: dict[str, torch.Ten
     config_path.parent.mkdir(parents=True, exist_ok=True)
     ckpt_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    with _fake_lightning_module():
-        torch.save(lightning_checkpoint(state_dict), ckpt_path)
+    save_lightning(lightning_checkpoint(state_dict), ckpt_path)
     return config_path, ckpt_path
+
+
+def save_lightning(obj, path: Path, **save_kwargs) -> None:
+    """torch.save ``obj`` (which may hold ModelCheckpoint) to ``path``; save_kwargs go to torch.save."""
+    with _fake_lightning_module():
+        torch.save(obj, path, **save_kwargs)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ from PIL import Image
 
 from clipdistill.data import load_domain_folder
 from clipdistill.runtime import PipelineError, atomic_dir
-from clipdistill.shards import load_shard, save_shard, shard_ranges, work_key
+from clipdistill.shards import load_shard, save_shard, shard_ranges
 
 
 def make_folder(root, domains=("photo",), classes=("circle", "star"), n=2):
@@ -29,10 +29,14 @@ def test_domain_folder_loads_labels_by_class_name(tmp_path):
     ("corrupt", "corrupt or unreadable image"),
     ("empty", "no images found"),
     ("foreign_class", "is not in world.classes"),
+    ("no_class_folder", "has no class folder"),
+    ("file", "is a file, not a folder"),
 ])
 def test_bad_folders_fail_naming_the_path(tmp_path, problem, needle):
     root = tmp_path / "data"
-    if problem != "missing":
+    if problem == "file":
+        tmp_path.joinpath("data").write_text("x")
+    elif problem != "missing":
         make_folder(root)
     if problem == "corrupt":
         (root / "photo" / "star" / "bad.png").write_bytes(b"nope")
@@ -41,6 +45,11 @@ def test_bad_folders_fail_naming_the_path(tmp_path, problem, needle):
             f.unlink()
     if problem == "foreign_class":
         (root / "photo" / "dog").mkdir()
+    if problem == "no_class_folder":
+        for f in root.rglob("*.png"):
+            f.rename(root / "photo" / f"{f.parent.name}_{f.name}")
+        for d in ("circle", "star"):
+            (root / "photo" / d).rmdir()
     with pytest.raises(PipelineError, match=needle) as err:
         load_domain_folder(root, ["circle", "star"], 16)
     assert "\n" not in str(err.value)
@@ -64,13 +73,3 @@ def test_shards_round_trip_and_corrupt_shard_is_redone(tmp_path):
     (tmp_path / "t.pt").write_bytes(b"truncated")
     assert load_shard(tmp_path / "t.pt") is None and load_shard(tmp_path / "absent.pt") is None
     assert shard_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
-
-
-def test_work_key_changes_with_config_and_file_content(tmp_path):
-    f = tmp_path / "f"
-    f.write_text("a")
-    k = work_key({"steps": 1}, [f])
-    assert k == work_key({"steps": 1}, [f])
-    assert k != work_key({"steps": 2}, [f])
-    f.write_text("b")
-    assert k != work_key({"steps": 1}, [f])

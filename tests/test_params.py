@@ -44,6 +44,18 @@ def test_a_key_left_out_takes_params_yaml_value():
     (lambda r: r["world"].update(source="folder", root="data/PACS"), "teacher.source"),
     (lambda r: r.update(precision="fp16"), "precision"),
     (lambda r: r["distill"].update(backbone="vit"), "distill.backbone"),
+    (lambda r: r["distill"].update(lr=-1), "distill.lr"),
+    (lambda r: r["teacher"].update(weight_decay=-0.1), "teacher.weight_decay"),
+    (lambda r: r["world"].update(classes=["circle", "tri/angle"]), "world.classes[1]"),
+    (lambda r: r["world"].update(classes=["circle", " "]), "world.classes[1]"),
+    (lambda r: r["world"].update(classes=["circle", "circle"]), "'circle' more than once"),
+    (lambda r: r["world"].update(classes=["circle", "dog"]), "'dog'"),
+    (lambda r: r["world"].update(image_size=30), "world.image_size"),  # ch_mult [1, 1, 2]: factor 4
+    (lambda r: r["distill"].update(batch_size=701), "distill.batch_size"),  # 100 prompts x 7 classes
+    (lambda r: r["distill"].update(batch_size=301), "distill.batch_size"),  # base-to-novel: 3 base classes
+    (lambda r: r["teacher"].update(batch_size=4000), "teacher.batch_size"),  # 7 styles x 80 x 7 = 3920
+    (lambda r: r["teacher"].update(text_heads=3), "teacher.text_width"),
+    (lambda r: r["generator"].update(ch=16), "generator.ch"),
 ])
 def test_bad_params_fail_with_one_line_naming_the_key(mutate, needle):
     r = raw()
@@ -79,6 +91,20 @@ def test_exponent_floats_load_as_numbers(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("data, needle", [
+    (b"", "is empty"),
+    (b"- seed\n- world\n", "got a list"),
+    (b"world: [circle\nseed: 0\n", "not valid YAML"),
+    (b"seed: 0\nworld:\n  root: caf\xe9\n", "not utf-8 text"),
+])
+def test_a_params_file_that_is_no_mapping_fails_with_one_line(tmp_path, data, needle):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    assert needle in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_the_paper_preset_is_valid():

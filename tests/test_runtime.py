@@ -83,3 +83,51 @@ def test_retained_memory_stops_each_step_from_page_faulting_its_activations_agai
     # glibc's default maps a step's activations (~16k pages at one thread) afresh every step; retained, they are reused.
     assert default > 4000
     assert retained < default / 10
+
+
+_STAGE = """
+import sys
+from clipdistill.runtime import PipelineError, run_stage
+from clipdistill.params import ParamsError
+from clipdistill.vqgan import CheckpointError
+kind = sys.argv[1]
+def main():
+    if kind == "pipeline":
+        raise PipelineError("image folder /x not found\\nsecond line")
+    if kind == "params":
+        raise ParamsError("params key 'distill.lr' must be > 0")
+    if kind == "checkpoint":
+        raise CheckpointError("taming checkpoint c.ckpt is unreadable")
+    raise ValueError("an internal bug")
+run_stage(main)
+"""
+
+
+def _stage(kind, **env):
+    return subprocess.run([sys.executable, "-c", _STAGE, kind], capture_output=True, text=True,
+                          env={**os.environ, **env})
+
+
+@pytest.mark.parametrize("kind,text", [("pipeline", "image folder /x not found"),
+                                       ("params", "distill.lr"), ("checkpoint", "c.ckpt")])
+def test_user_errors_print_one_line_and_exit_1(kind, text):
+    proc = _stage(kind)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and text in proc.stderr
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_any_other_exception_keeps_its_traceback():
+    proc = _stage("other")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "ValueError: an internal bug" in proc.stderr
+
+
+def test_debug_env_shows_the_traceback_of_a_user_error():
+    proc = _stage("pipeline", CLIPDISTILL_DEBUG="1")
+    assert "Traceback" in proc.stderr and "PipelineError: image folder /x not found" in proc.stderr
+
+
+def test_stages_refuse_to_start_with_torch_safe_loading_switched_off(monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(PipelineError, match="TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+        setup_torch("cpu", 0)

@@ -2,7 +2,7 @@
 and rerun, which resumes from its last checkpoint.
 
     python benchmarks/resume.py                      # the generator stage of params.yaml, killed at 70 %
-    python benchmarks/resume.py --stage teacher --kill-at 0.5
+    python benchmarks/resume.py --stage teacher --overhead   # also: what the periodic saves cost
 
 Prints the uninterrupted time, the killed run's time and the step it resumed from, whether the
 resumed output is sha256-identical to the uninterrupted one, and last the ratio
@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--stage", choices=sorted(STAGES), default="generator")
     parser.add_argument("--kill-at", type=float, default=0.7, help="fraction of the uninterrupted time")
     parser.add_argument("--steps", type=int, default=0, help="override generator.steps (0: keep the params')")
+    parser.add_argument("--overhead", action="store_true",
+                        help="also run with <section>.checkpoint_every 0 (only the final save) and print the ratio")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -76,7 +78,14 @@ def main() -> None:
         print(f"machine: {os.cpu_count()} CPU cores; stage {args.stage} of {args.params}"
               + (f" with generator.steps {args.steps}" if args.steps else ""))
         full, _, _ = timed_run(stage_cmd(args, tmp / "params.yaml", world, tmp / "full"))
-        print(f"uninterrupted: {full:.1f} s")
+        section = params[args.stage]
+        print(f"uninterrupted: {full:.1f} s (checkpoint_every {section.get('checkpoint_every')})")
+        if args.overhead:
+            section["checkpoint_every"] = 0
+            (tmp / "once.yaml").write_text(yaml.safe_dump(params))
+            once, _, _ = timed_run(stage_cmd(args, tmp / "once.yaml", world, tmp / "once"))
+            print(f"uninterrupted, final save only: {once:.1f} s")
+            print(f"periodic checkpoints cost: {full / once:.3f}x")
         cut, _, killed = timed_run(stage_cmd(args, tmp / "params.yaml", world, tmp / "resumed"), args.kill_at * full)
         if not killed:
             raise SystemExit("the stage finished before the kill; use a smaller --kill-at")

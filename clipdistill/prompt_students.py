@@ -18,8 +18,7 @@ from torch import nn
 from .clip_models import CLIP_MEAN, CLIP_STD, ClipTeacher, ConvImageTower, build_clip, load_open_clip_teacher
 from .losses import promptkd_loss  # noqa: F401  (PromptKD's loss lives with the others)
 from .params import ParamsError
-from .runtime import PipelineError, read_checkpoint
-from .text import read_words
+from .runtime import PipelineError, read_checkpoint, read_word_list
 from .text_encoder import encode_with_context
 
 DEFAULT_CLASSNAMES = Path(__file__).parent / "assets" / "classnames.txt"
@@ -351,7 +350,7 @@ def class_agnostic_logits(student: KDPLStudent, images: torch.Tensor, teacher_lo
 def load_classnames(path: str | Path = "") -> list[str]:
     """A class-name dictionary: one name per line, '#' starts a comment; empty path = the shipped
     clipdistill/assets/classnames.txt (KDPL-CA's stand-in for its ~21k-name dictionary)."""
-    return read_words(Path(path) if str(path) else DEFAULT_CLASSNAMES, "class-name dictionary",
+    return read_word_list(Path(path) if str(path) else DEFAULT_CLASSNAMES, "class-name dictionary",
                       " (set distill.classnames_file)")
 
 

@@ -16,8 +16,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .runtime import PipelineError, read_checkpoint
-from .text import read_words
+from .runtime import PipelineError, read_checkpoint, read_word_list
 from .text_encoder import StyleTemplate, embedding_table, encode_with_pseudo_word
 
 DEFAULT_STYLES = Path(__file__).parent / "assets" / "styles.txt"
@@ -87,7 +86,7 @@ class VanillaPrompt:
 def load_styles(path: str | Path = "", what: str = "style dictionary",
                 hint: str = " (set prompts.mix.styles_file)") -> list[str]:
     """The style dictionary: one style per line, '#' starts a comment; empty path = the shipped one."""
-    return read_words(Path(path) if str(path) else DEFAULT_STYLES, what, hint)
+    return read_word_list(Path(path) if str(path) else DEFAULT_STYLES, what, hint)
 
 
 def mix_weights(n: int, k: int, alpha: float, generator: torch.Generator) -> torch.Tensor:

@@ -230,7 +230,12 @@ def read_word_list(path, what: str, hint: str = "") -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{what} not found: {path}{hint}")
-    items = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{what} {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                            f"{exc.start}); save it as UTF-8, one entry per line") from None
+    items = [line.split("#")[0].strip() for line in text.splitlines()]
     items = [i for i in items if i]
     if not items:
         raise PipelineError(f"{what} {path} is empty; list one entry per line")
@@ -253,7 +258,8 @@ def read_checkpoint(path, what: str, stage: str, key: str) -> dict:
         raise PipelineError(f"{what} not found: {path} (run the {stage} stage)")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        blob[key]
     except Exception as exc:  # any unreadable or foreign file is one error to the user
         raise PipelineError(f"{what} {path} is unreadable: {type(exc).__name__}") from None
+    if not isinstance(blob, dict) or key not in blob:
+        raise PipelineError(f"{what} {path} holds no '{key}': it is not an output of the {stage} stage")
     return blob

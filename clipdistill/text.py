@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .runtime import PipelineError, read_checkpoint, read_word_list
+from .runtime import read_checkpoint
 
 
 @torch.no_grad()
@@ -25,16 +25,3 @@ def load_class_vectors(path: str | Path) -> dict:
     if path.is_dir():
         path = path / "class_vectors.pt"
     return read_checkpoint(path, "class vectors", "text_features", "features")
-
-
-def read_words(path: str | Path, what: str, hint: str = "") -> list[str]:
-    """`runtime.read_word_list` of a UTF-8 text file: a file that is not UTF-8 (whatever the
-    locale) is a one-line PipelineError naming `what` and the file, as a missing or empty one is."""
-    path = Path(path)
-    if path.is_file():
-        try:
-            path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PipelineError(f"{what} {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
-                                f"{exc.start}); save it as UTF-8, one entry per line") from None
-    return read_word_list(path, what, hint)

@@ -61,7 +61,10 @@ def train_student(p, classes, vectors, images, teacher, small_clip, gen, device,
             names = load_classnames(d.classnames_file)
             target = text_class_vectors(teacher, names, DICTIONARY_TEMPLATES).to(device)
             student.set_classnames(names)
-            k = min(d.topk, len(names))
+            if d.topk > len(names):
+                raise PipelineError(f"distill.topk is {d.topk}, more than the {len(names)} names of the class-name "
+                                    f"dictionary {d.classnames_file or 'clipdistill/assets/classnames.txt'}")
+            k = d.topk
             step = lambda model, x, t: class_agnostic_logits(model, x, t, k)[:2]  # noqa: E731
         teacher_logits = lambda x: student.logit_scale * teacher.encode_image(x) @ target.t()  # noqa: E731
     else:

@@ -25,6 +25,9 @@ def main():
     with atomic_dir(args.out) as tmp:
         if w.source == "folder":
             root = Path(w.root)
+            if root.exists() and not root.is_dir():
+                raise PipelineError(f"world.root {root} is a file; it must be the image folder "
+                                    f"(<root>/<domain>/<class>/*)")
             if not root.is_dir():
                 raise PipelineError(f"image folder not found: {root} (world.root): download the dataset (for PACS, its "
                                     f"kfold folder) and place it so that {root}/<domain>/<class>/ holds the images")

@@ -6,16 +6,14 @@ import pytest
 
 from clipdistill import report
 
-from project import ROOT, STAGES, committed_copy, ran_stages, run
+from project import STAGES, ran_stages, run
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    dst = committed_copy(tmp_path_factory.mktemp("proj"), ROOT / "tests" / "tiny_params.yaml")
-    first = run(["dvc", "repro"], dst)
-    return dst, first.stdout
+def project(tiny_project):
+    return tiny_project
 
 
 def test_repro_runs_every_stage_and_writes_metrics(project):

@@ -170,6 +170,27 @@ class TensorState:
         self.tensor.copy_(state["tensor"])
 
 
+class TrainableState:
+    """A module's trainable parameters and buffers: what training changes. Frozen parameters (a
+    prompt student's CLIP towers, hundreds of MB on the real path) are left out of checkpoints,
+    since the stage rebuilds them identically before resuming."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def _frozen(self) -> set[str]:
+        return {n for n, p in self.module.named_parameters() if not p.requires_grad}
+
+    def state_dict(self) -> dict:
+        frozen = self._frozen()
+        return {k: v for k, v in self.module.state_dict().items() if k not in frozen}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing, unexpected = self.module.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - self._frozen():
+            raise RuntimeError(f"checkpoint does not fit the module: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
 class EpochOrder:
     """Index batches of a fresh random permutation each epoch, drawn from `generator` at the first
     step of the epoch; `drop_last` batches only, since BatchNorm needs more than one image.

@@ -16,7 +16,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .augment import student_augment
-from .resumable import Checkpoints, EpochOrder, run_steps
+from .resumable import Checkpoints, EpochOrder, TrainableState, run_steps
 from .runtime import Dist, PipelineError, autocast
 
 
@@ -78,7 +78,7 @@ def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss
         sched.step()
         return _rank_mean(loss.detach(), dist)
 
-    losses = run_steps(step, total, state={"student": student, "optimizer": opt, "scheduler": sched,
+    losses = run_steps(step, total, state={"student": TrainableState(student), "optimizer": opt, "scheduler": sched,
                                            "batches": batches},
                        generators=[generator], checkpoints=checkpoints, desc="distill", progress=dist.main)
     student.eval()

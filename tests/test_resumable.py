@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clipdistill import resumable
-from clipdistill.resumable import Checkpoints, EpochOrder, TensorState, run_steps, work_key
+from clipdistill.resumable import Checkpoints, EpochOrder, TensorState, TrainableState, run_steps, work_key
 
 
 def test_work_key_changes_with_config_file_content_folder_and_code(tmp_path, monkeypatch):
@@ -111,3 +111,23 @@ def test_without_a_checkpoint_a_rerun_starts_at_step_zero(tmp_path, capsys):
         _train(tmp_path / "w", crash_at=3)  # before the first save
     _, _, count = _train(tmp_path / "w")
     assert count == 12 and "resuming" not in capsys.readouterr().out
+
+
+def test_trainable_state_leaves_frozen_parameters_out_and_loads_back():
+    def build(seed):
+        torch.manual_seed(seed)
+        m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+        m[0].requires_grad_(False)  # a frozen tower
+        return m
+
+    a = build(0)
+    a[1].running_mean.fill_(0.5)
+    state = TrainableState(a).state_dict()
+    assert not any(k.startswith("0.") for k in state) and "1.running_mean" in state and "2.weight" in state
+    b = build(1)
+    frozen = b[0].weight.clone()
+    TrainableState(b).load_state_dict(state)
+    assert torch.equal(b[2].weight, a[2].weight) and torch.equal(b[1].running_mean, a[1].running_mean)
+    assert torch.equal(b[0].weight, frozen)  # untouched: the stage rebuilds it
+    with pytest.raises(RuntimeError, match="does not fit"):
+        TrainableState(b).load_state_dict({**state, "3.weight": torch.zeros(1)})

@@ -7,11 +7,9 @@
 # experiment reruns generator/prompts/synthesize where its params touch them (2-7 min on a 2-core
 # CPU; the 1,600-step generator ~6 min once; 7,000 Contrastive-Prompt images ~15 min) and distill
 # (~1.5 min): about an hour in all on a 2-core CPU.
-set -euo pipefail
-exp() { git checkout -- params.yaml; dvc exp run "$@"; }
-PAPER="-S distill.temperature=1 -S distill.optimizer=sgd -S distill.batch_size=32 -S distill.weight_decay=0.0005"
-PKD="-S distill.student=promptkd -S distill.loss=promptkd -S distill.lr=0.005 $PAPER"
-KDPL="-S distill.student=kdpl -S distill.loss=symmetric_kl -S distill.lr=0.002 $PAPER"
+source "$(dirname "$0")/lib.sh"
+PKD="$PROMPTKD_STUDENT $PROMPTKD_LR $PAPER"
+KDPL="$KDPL_STUDENT $KDPL_LR $PAPER"
 ONE="-S distill.base_to_novel=false"  # the main student only: its figures do not depend on this
 OLD_GEN="-S generator.steps=400"      # the generator before 2026-11-25 (18.8 dB PSNR)
 MID_GEN="-S generator.steps=1600"     # the default of 2026-11-25 (22.3 dB); 4,800 since (24.7 dB)
@@ -39,5 +37,4 @@ exp -n pkd-contrastive-2100-images-30-epochs $PKD $ONE -S prompts.method=contras
 exp -n pkd-contrastive-7000-images $PKD $ONE -S prompts.method=contrastive -S prompts.per_class=1000 -S distill.epochs=3
 exp -n pkd-contrastive-7000-images-10-epochs $PKD $ONE -S prompts.method=contrastive -S prompts.per_class=1000 -S distill.epochs=10
 exp -n pkd-contrastive-7000-images-30-epochs $PKD $ONE -S prompts.method=contrastive -S prompts.per_class=1000 -S distill.epochs=30
-git checkout -- params.yaml
 dvc exp show --json | python -m clipdistill.report --students

@@ -1,13 +1,10 @@
 #!/usr/bin/env bash
 # The prompt-diversification table (README): the four prompts.method values as DVC experiments,
 # then the markdown table. Run from the repo root after `dvc repro`.
-set -euo pipefail
-# `dvc exp run` leaves its -S changes in the workspace's params.yaml: start each from the committed one.
-exp() { git checkout -- params.yaml; dvc exp run "$@"; }
+source "$(dirname "$0")/lib.sh"
 for m in vanilla mix random contrastive; do
   exp -n "prompts-$m" -S "prompts.method=$m"
 done
 exp -n prompts-mix-teacher-vocab -S prompts.method=mix -S prompts.mix.styles_file=clipdistill/assets/world_styles.txt
 exp -n prompts-random-teacher-vocab -S prompts.method=random -S prompts.random.fit_words=clipdistill/assets/world_styles.txt
-git checkout -- params.yaml
 dvc exp show --json | python -m clipdistill.report --by prompts.method

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -51,13 +52,17 @@ def _fingerprint(path: Path, h) -> None:
 
 def work_key(config: dict, inputs: list[str | Path], code: bool = True) -> str:
     """Stable 16-hex key of a JSON-able config, the input files or folders, and (code=True) the
-    package's source, so a checkpoint is never resumed by other code or on other inputs."""
+    package's source and the running script, so a checkpoint is never resumed by other code or on
+    other inputs."""
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for path in inputs:
         _fingerprint(Path(path), h)
     if code:
         for f in sorted(PACKAGE_DIR.rglob("*.py")):
             h.update(f"{f.relative_to(PACKAGE_DIR).as_posix()}\0{file_digest(f)}\n".encode())
+        script = getattr(sys.modules.get("__main__"), "__file__", None)  # the stage script itself
+        if script and Path(script).is_file():
+            h.update(file_digest(script).encode())
     return h.hexdigest()[:16]
 
 

@@ -24,7 +24,7 @@ import argparse
 import os
 
 # Pin the OpenMP threads unless the caller chose otherwise (read when torch loads). Unpinned, about
-# half the processes on machine C ran the one-image loop at ~95-110 images x steps / s instead of
+# half the processes on a 2-core AMD EPYC ran the one-image loop at ~95-110 images x steps / s instead of
 # ~150; pinned, 2 in 11. The batched step did not change. The figure compares both at their best.
 os.environ.setdefault("OMP_PROC_BIND", "close")
 os.environ.setdefault("OMP_PLACES", "cores")

@@ -121,7 +121,7 @@ class ClipTeacher(nn.Module):
 
     @property
     def logit_scale(self) -> float:
-        """The model's own scale: 100 for pretrained CLIP (ALGORITHMS.md 1), learned for the embedded one."""
+        """The model's own scale: 100 for pretrained CLIP (PromptKD, KDPL), learned for the embedded one."""
         return float(self.model.logit_scale.detach().exp().clamp(max=100))
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:

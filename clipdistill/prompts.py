@@ -2,7 +2,7 @@
 
 A method is a class with `generate()`, registered in METHODS by the name `prompts.method` uses.
 Vanilla is "a photo of a {class}"; Xuan et al.'s Mix-, Random- and Contrastive-Prompt fill the
-pseudo-word S* of "a {S*} style of a {class}" (ALGORITHMS.md 1). Every method returns one
+pseudo-word S* of "a {S*} style of a {class}" (Xuan et al., docs/design.md). Every method returns one
 `PromptSet`: per prompt the class, a readable description, the text, the pseudo-word embedding
 S* and the teacher text feature, computed by the one forward in `text_encoder`.
 """

@@ -115,7 +115,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", nargs="?", help="file with `dvc exp show --json` output (default: stdin)")
     ap.add_argument("--by", default="prompts.method", help="dotted params key shown first")
-    ap.add_argument("--students", action="store_true", help="the students table (issue: prompt-learning students)")
+    ap.add_argument("--students", action="store_true", help="the students table (docs/results.md, prompt-learning students)")
     args = ap.parse_args(argv)
     text = open(args.json).read() if args.json else sys.stdin.read()
     try:

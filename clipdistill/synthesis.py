@@ -1,4 +1,4 @@
-"""VQGAN-CLIP synthesis (ALGORITHMS.md section 4), batched over many prompts per step.
+"""VQGAN-CLIP synthesis (Xuan et al.; docs/design.md), batched over many prompts per step.
 
 The primitives are pure functions of tensors (tested against hand formulas); `synthesize_batch`
 optimises one latent per prompt, all prompts of a batch in the same forward/backward pass, which

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What we tried to lift the prompt students trained on synthesized images (README, "Prompt students
+# What we tried to lift the prompt students trained on synthesized images (docs/results.md, "Prompt students
 # on synthesized images: what we tried"): other surrogate images, each distilled into PromptKD and
 # KDPL with the papers' schedule, as DVC experiments, then the students table. Run from the repo
 # root after `dvc repro` (the default's own rows, generator 4,800 steps, come from

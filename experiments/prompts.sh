@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prompt-diversification table (README): the four prompts.method values as DVC experiments,
+# The prompt-diversification table (docs/results.md): the four prompts.method values as DVC experiments,
 # then the markdown table. Run from the repo root after `dvc repro`.
 source "$(dirname "$0")/lib.sh"
 for m in vanilla mix random contrastive; do

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The students table (README, "Prompt-learning students"): cnn / promptkd / kdpl x {synthetic,
+# The students table (docs/results.md, "Prompt-learning students"): cnn / promptkd / kdpl x {synthetic,
 # unlabeled world images} as DVC experiments, then the markdown table. Run from the repo root
 # after `dvc repro`; only `distill` and `evaluate` rerun per experiment.
 source "$(dirname "$0")/lib.sh"

@@ -4,7 +4,7 @@
 
 Prints, for the synthesized images (label = the class of the prompt each came from) and for the
 world's train images, how often each model's zero-shot prediction names that class and how often
-the two models agree. The README's "small CLIP reads" column is the smaller CLIP's figure.
+the two models agree. The "small CLIP reads" column of docs/results.md is the smaller CLIP's figure.
 """
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ def nudge(student):
     student.eval()
 
 
-# ---------------------------------------------------------------- losses (ALGORITHMS.md checks 1, 3)
+# ---------------------------------------------------------------- losses (PromptKD's and KDPL's formulas)
 
 def test_symmetric_kl_properties_and_hand_formula():
     s, t = torch.randn(6, 5, generator=gen(4)), torch.randn(6, 5, generator=gen(5))

@@ -3,6 +3,7 @@ and rerun, which resumes from its last checkpoint.
 
     python benchmarks/resume.py                      # the generator stage of params.yaml, killed at 70 %
     python benchmarks/resume.py --stage teacher --overhead   # also: what the periodic saves cost
+    python benchmarks/resume.py --steps 700 --checkpoint-every 100   # a shorter generator run
 
 Prints the uninterrupted time, the killed run's time and the step it resumed from, whether the
 resumed output is sha256-identical to the uninterrupted one, and last the ratio
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -27,6 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # stage -> its script's path arguments besides --out (world is rendered once beforehand)
 STAGES = {"generator": ["stages/generator.py"], "teacher": ["stages/teacher.py"],
           "student_clip": ["stages/teacher.py", "--section", "student_clip"]}
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -63,6 +74,8 @@ def main() -> None:
     parser.add_argument("--stage", choices=sorted(STAGES), default="generator")
     parser.add_argument("--kill-at", type=float, default=0.7, help="fraction of the uninterrupted time")
     parser.add_argument("--steps", type=int, default=0, help="override generator.steps (0: keep the params')")
+    parser.add_argument("--checkpoint-every", type=int, default=-1,
+                        help="override the stage's checkpoint_every (-1: keep the params')")
     parser.add_argument("--overhead", action="store_true",
                         help="also run with <section>.checkpoint_every 0 (only the final save) and print the ratio")
     args = parser.parse_args()
@@ -71,12 +84,14 @@ def main() -> None:
         params = yaml.safe_load((ROOT / args.params).read_text())
         if args.steps:
             params["generator"]["steps"] = args.steps
+        if args.checkpoint_every >= 0:
+            params[args.stage]["checkpoint_every"] = args.checkpoint_every
         (tmp / "params.yaml").write_text(yaml.safe_dump(params))
         world = tmp / "world"
         subprocess.run([sys.executable, "stages/world.py", "--params", str(tmp / "params.yaml"), "--out", str(world)],
                        cwd=ROOT, check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        print(f"machine: {os.cpu_count()} CPU cores; stage {args.stage} of {args.params}"
-              + (f" with generator.steps {args.steps}" if args.steps else ""))
+        print(f"machine: {os.cpu_count()} CPU cores ({cpu_model()}); stage "
+              f"{args.stage} of {args.params}" + (f" with generator.steps {args.steps}" if args.steps else ""))
         full, _, _ = timed_run(stage_cmd(args, tmp / "params.yaml", world, tmp / "full"))
         section = params[args.stage]
         print(f"uninterrupted: {full:.1f} s (checkpoint_every {section.get('checkpoint_every')})")

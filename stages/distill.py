@@ -13,8 +13,13 @@ DistributedDataParallel, distill.batch_size being the global batch; rank 0 write
 Training saves its state every distill.checkpoint_every steps in artifacts/.student.work/<key>/
 (rank 0 writes, every rank resumes); a rerun after a kill resumes from there.
 """
-from dataclasses import asdict
+import sys
 from pathlib import Path
+
+# This checkout's package first: an editable install of another clone must not run in its place.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dataclasses import asdict
 
 import torch
 

@@ -7,7 +7,12 @@ plus one entry per extra dataset in eval.datasets}), accuracy.csv and confusion.
 speed.json (parameters, GFLOPs per image and images/s at batch 64: machine-dependent, so kept out
 of the metrics that must be reproducible).
 """
+import sys
 from pathlib import Path
+
+# This checkout's package first: an editable install of another clone must not run in its place.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 
 import pandas as pd
 import torch

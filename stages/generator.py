@@ -6,8 +6,13 @@ generator.source=taming loads an official taming config + checkpoint from local 
 Reports reconstruction PSNR on the world's test images. Training saves its state every
 generator.checkpoint_every steps in artifacts/.generator.work/<key>/; a rerun after a kill resumes.
 """
-from dataclasses import asdict
+import sys
 from pathlib import Path
+
+# This checkout's package first: an editable install of another clone must not run in its place.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dataclasses import asdict
 
 from clipdistill.data import load_captioned_split, load_domain_folder, world_test_root
 from clipdistill.params import load_params

@@ -1,4 +1,10 @@
 """Stage `prompts`: class names -> prompts and their teacher text features (prompts.method)."""
+import sys
+from pathlib import Path
+
+# This checkout's package first: an editable install of another clone must not run in its place.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from clipdistill.clip_models import load_teacher
 from clipdistill.diversity import diversity_report
 from clipdistill.params import load_params

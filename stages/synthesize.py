@@ -8,7 +8,12 @@ r, r + N, r + 2N, ... (one GPU each on CUDA); rank 0 waits for all, then assembl
 Every image's latent init and every batch's cutout draws depend only on the seed and the prompt
 ids, so N processes write the same shards as one.
 """
+import sys
 from pathlib import Path
+
+# This checkout's package first: an editable install of another clone must not run in its place.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 
 import pandas as pd
 import torch

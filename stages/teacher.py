@@ -6,8 +6,13 @@ source=open_clip loads an open_clip architecture with a pretrained tag or local 
 Training saves its state every <section>.checkpoint_every steps in <out>'s work folder
 (artifacts/.<out name>.work/<key>/); a rerun after a kill resumes from there.
 """
-from dataclasses import asdict
+import sys
 from pathlib import Path
+
+# This checkout's package first: an editable install of another clone must not run in its place.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dataclasses import asdict
 
 from clipdistill.clip_models import materialise_clip, save_teacher
 from clipdistill.params import load_params

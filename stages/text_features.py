@@ -3,6 +3,12 @@
 Each class vector is the normalised mean of the teacher's text features over the template
 ensemble; teacher and student both classify against exactly these stored vectors.
 """
+import sys
+from pathlib import Path
+
+# This checkout's package first: an editable install of another clone must not run in its place.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 
 from clipdistill.clip_models import load_teacher

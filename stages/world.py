@@ -8,7 +8,12 @@ evaluated domain present, every class folder named in world.classes, every image
 writes <out>/manifest.csv (domain, class, path, bytes); later stages read the images in place.
 DVC does not watch world.root itself: after changing the files there, run `dvc repro -f -s world`.
 """
+import sys
 from pathlib import Path
+
+# This checkout's package first: an editable install of another clone must not run in its place.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 
 import pandas as pd
 

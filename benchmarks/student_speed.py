@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import torchvision
 from common import add_device_args, machine_line, resolve_device
 
-from clipdistill.clip_models import build_embedded_teacher, load_open_clip_teacher
+from clipdistill.clip_models import embedded_clip_from_params, load_open_clip
 from clipdistill.evaluation import count_parameters, gflops_per_image, images_per_second
 from clipdistill.params import load_params
 from clipdistill.runtime import run_stage
@@ -56,24 +56,27 @@ def build_models(args):
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)  # the random weights
     if args.setting == "embedded":
-        p = load_params(args.params)
-        size = p.world.image_size
-        teacher = build_embedded_teacher(p.teacher, size)
-        class_vectors = F.normalize(torch.randn(len(p.world.classes), teacher.embed_dim, generator=gen), dim=-1)
-        d = p.distill
-        cnn = CnnStudent(class_vectors, teacher.logit_scale, head=d.head, width=d.width, depth=d.depth)
-        small_clip = build_embedded_teacher(p.student_clip, size)
-        promptkd = PromptKDStudent(small_clip, class_vectors, teacher.logit_scale, d.n_prompts, d.prompt_depth,
-                                   generator=gen)
-        models = [(f"teacher: embedded CLIP image tower ({p.teacher.vision}, width {p.teacher.vision_width})",
+        params = load_params(args.params)
+        size = params.world.image_size
+        teacher = embedded_clip_from_params(params.teacher, size)
+        class_vectors = F.normalize(torch.randn(len(params.world.classes), teacher.embed_dim, generator=gen), dim=-1)
+        cnn = CnnStudent.from_params(params.distill.cnn, class_vectors=class_vectors, logit_scale=teacher.logit_scale,
+                                     classes=params.world.classes, clip=None, generator=gen)
+        small_clip = embedded_clip_from_params(params.student_clip, size)
+        promptkd = PromptKDStudent.from_params(params.distill.promptkd, class_vectors=class_vectors,
+                                               logit_scale=teacher.logit_scale, classes=params.world.classes,
+                                               clip=small_clip, generator=gen)
+        cnn_params = params.distill.cnn
+        models = [(f"teacher: embedded CLIP image tower ({params.teacher.vision}, width {params.teacher.vision_width})",
                    teacher, teacher.encode_image, count_parameters(teacher.model.visual)),
-                  (f"student: CnnStudent (width {d.width}, depth {d.depth}, {d.head} head)", cnn, cnn,
+                  (f"student: CnnStudent (width {cnn_params.width}, depth {cnn_params.depth}, {cnn_params.head} head)",
+                   cnn, cnn,
                    count_parameters(cnn)),
-                  (f"student: PromptKD over the student_clip tower (width {p.student_clip.vision_width})",
+                  (f"student: PromptKD over the student_clip tower (width {params.student_clip.vision_width})",
                    promptkd, promptkd, count_parameters(promptkd))]
     else:
         size = REAL_IMAGE_SIZE
-        teacher = load_open_clip_teacher("ViT-B-32", "random")
+        teacher = load_open_clip("ViT-B-32", "random")
         class_vectors = F.normalize(torch.randn(1000, teacher.embed_dim, generator=gen), dim=-1)
         student = resnet18_student(class_vectors, teacher.logit_scale)
         models = [("teacher: open_clip ViT-B-32 image tower", teacher, teacher.encode_image,

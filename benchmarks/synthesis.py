@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from common import add_device_args, dense_matmul_gflops, machine_line, resolve_device, synchronize, timed
 
-from clipdistill.clip_models import build_embedded_teacher, fold_batchnorm, load_open_clip_teacher
+from clipdistill.clip_models import embedded_clip_from_params, fold_batchnorm, load_open_clip
 from clipdistill.evaluation import count_parameters
 from clipdistill.params import load_params
 from clipdistill.runtime import channels_last, run_stage
-from clipdistill.synthesis import synthesize_batch
-from clipdistill.vqgan import VQGAN, VQGANConfig
+from clipdistill.synthesis import image_seed, synthesize_batch
+from clipdistill.vqgan import VQGAN, VQGANConfig, embedded_vqgan_config
 
 # taming-transformers' configs/vqgan_imagenet_f16_16384.yaml (model.params and its ddconfig).
 TAMING_F16_16384 = VQGANConfig(embed_dim=256, n_embed=16384, z_channels=256, resolution=256, ch=128,
@@ -54,19 +54,16 @@ def build_models(args, device):
     """(teacher, vqgan, image side in px, description), frozen and in eval mode on `device`."""
     torch.manual_seed(args.seed)  # the random weights
     if args.setting == "embedded":
-        p = load_params(args.params)
-        size = args.image_size or p.world.image_size
-        teacher = build_embedded_teacher(p.teacher, p.world.image_size)
-        g = p.generator
+        params = load_params(args.params)
+        size = args.image_size or params.world.image_size
+        teacher = embedded_clip_from_params(params.teacher, params.world.image_size)
         # As the generator stage builds it.
-        cfg = VQGANConfig(embed_dim=g.embed_dim, n_embed=g.n_embed, z_channels=g.embed_dim,
-                          resolution=p.world.image_size, ch=g.ch, ch_mult=tuple(g.ch_mult),
-                          num_res_blocks=g.num_res_blocks)
-        what = f"embedded teacher ({p.teacher.vision} tower, width {p.teacher.vision_width}, " \
+        cfg = embedded_vqgan_config(params.generator, params.world.image_size)
+        what = f"embedded teacher ({params.teacher.vision} tower, width {params.teacher.vision_width}, " \
                f"{teacher.image_size} px), embedded VQGAN"
     else:
         size = args.image_size or DEFAULTS["real"]["image_size"]
-        teacher = load_open_clip_teacher("ViT-B-32", "random")
+        teacher = load_open_clip("ViT-B-32", "random")
         # The config keeps the official resolution: taming places attention by it, and the
         # convolutions decode any latent size, so smaller --image-size only shrinks the latents.
         cfg = TAMING_F16_16384
@@ -83,8 +80,8 @@ def build_models(args, device):
 
 def run(vqgan, teacher, targets, first_id: int, args, latent_hw, steps: int) -> torch.Tensor:
     """One synthesize_batch call on targets [b, D]; image i's init depends on (seed, first_id + i) only."""
-    inits = [torch.Generator().manual_seed(args.seed * 1_000_003 + first_id + i) for i in range(len(targets))]
-    step_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + first_id ^ 0x5EED)
+    inits = [torch.Generator().manual_seed(image_seed(args.seed, first_id + i)) for i in range(len(targets))]
+    step_gen = torch.Generator().manual_seed(image_seed(args.seed, first_id) ^ 0x5EED)
     return synthesize_batch(vqgan, teacher, targets, steps=steps, lr=0.1, cutn=args.cutn, cut_pow=1.0,
                             min_cut=0.5, augment=True, latent_hw=latent_hw, init_generators=inits,
                             generator=step_gen)

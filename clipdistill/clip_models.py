@@ -1,11 +1,11 @@
-"""CLIP teachers: the small embedded one trained here, or an open_clip architecture + weights.
+"""CLIP models (the teacher, and the smaller CLIP the prompt students start from): the small
+embedded one trained here (clip_training.py), or an open_clip architecture + weights.
 
-Both are plain `open_clip.CLIP` modules behind one `ClipTeacher` wrapper, so synthesis, text
+Both are plain `open_clip.CLIP` modules behind one `ClipModel` wrapper, so synthesis, text
 features, distillation and evaluation run the same code on the embedded world and on ViT-L/14.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .augment import flip_translate
-from .resumable import Checkpoints, EpochOrder, run_steps
 from .runtime import PipelineError, read_checkpoint
 
 # OpenAI CLIP's preprocessing constants; the embedded teacher uses them too, so every teacher
 # takes the same [0, 1] input convention.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_LOGIT_SCALE = 100.0  # CLIP's cap on exp(logit_scale), as open_clip clamps it
+CLIP_SOURCES = ("embedded", "open_clip")  # `teacher.source`, `student_clip.source`: trained here | loaded
 
 
 class ConvImageTower(nn.Module):
@@ -49,7 +49,11 @@ class ConvImageTower(nn.Module):
         return self.proj(self.features(x).mean(dim=(2, 3)))
 
 
-def fold_batchnorm(teacher: "ClipTeacher") -> "ClipTeacher":
+# `teacher.vision`, `student_clip.vision`: the embedded image towers (vit: open_clip's own VisionTransformer)
+IMAGE_TOWERS = ("convnet", "vit")
+
+
+def fold_batchnorm(teacher: "ClipModel") -> "ClipModel":
     """Fold every BatchNorm of a frozen conv image tower into the convolution before it.
 
     The same function (up to float rounding) with a third fewer ops per layer: synthesis
@@ -78,27 +82,46 @@ def build_clip(config: dict) -> open_clip.CLIP:
     return model
 
 
-def embedded_clip_config(p, image_size: int) -> dict:
-    """open_clip.CLIP kwargs for the small embedded teacher, from `teacher.*` params."""
-    vision_cfg = {"image_size": image_size, "layers": p.vision_layers, "width": p.vision_width,
-                  "head_width": p.vision_width // p.vision_heads, "patch_size": p.patch_size}
-    if p.vision == "convnet":
+def embedded_clip_config(*, image_size: int, vision: str, embed_dim: int, vision_width: int, vision_layers: int,
+                         vision_heads: int, patch_size: int, text_width: int, text_layers: int, text_heads: int,
+                         context_length: int) -> dict:
+    """open_clip.CLIP kwargs for a small embedded CLIP (`teacher.*` / `student_clip.*` keys).
+
+    vision convnet: the ConvImageTower at `vision_width` (vision_layers, vision_heads and
+    patch_size unused); vit: open_clip's VisionTransformer."""
+    vision_cfg = {"image_size": image_size, "layers": vision_layers, "width": vision_width,
+                  "head_width": vision_width // vision_heads, "patch_size": patch_size}
+    if vision == "convnet":
         vision_cfg = {"image_size": image_size, "layers": 1, "width": 64, "patch_size": image_size,
-                      "conv_width": p.vision_width}
+                      "conv_width": vision_width}
     return {
-        "embed_dim": p.embed_dim,
+        "embed_dim": embed_dim,
         "vision_cfg": vision_cfg,
         "text_cfg": {
-            "context_length": p.context_length,
+            "context_length": context_length,
             "vocab_size": 49408,
-            "width": p.text_width,
-            "heads": p.text_heads,
-            "layers": p.text_layers,
+            "width": text_width,
+            "heads": text_heads,
+            "layers": text_layers,
         },
     }
 
 
-class ClipTeacher(nn.Module):
+def clip_preprocess(images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> normalised [B, 3, size, size]: every CLIP model's and prompt
+    student's input convention."""
+    if images.shape[-1] != size or images.shape[-2] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return (images - mean) / std
+
+
+def clip_logit_scale(model: open_clip.CLIP) -> float:
+    """exp(model.logit_scale), capped at 100 as CLIP does: 100 for pretrained CLIPs (PromptKD, KDPL),
+    learned for the embedded ones."""
+    return float(model.logit_scale.detach().exp().clamp(max=MAX_LOGIT_SCALE))
+
+
+class ClipModel(nn.Module):
     """A frozen-or-trainable open_clip CLIP with the project's input convention.
 
     `encode_image` takes images in [0, 1] ([B, 3, H, W], any H, W: resized to `image_size`) and
@@ -121,18 +144,14 @@ class ClipTeacher(nn.Module):
 
     @property
     def logit_scale(self) -> float:
-        """The model's own scale: 100 for pretrained CLIP (PromptKD, KDPL), learned for the embedded one."""
-        return float(self.model.logit_scale.detach().exp().clamp(max=100))
+        return clip_logit_scale(self.model)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self._tokenizer(texts).to(self.mean.device)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] in [0, 1] -> normalised [B, 3, S, S] at the teacher's input size."""
-        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
-                                   align_corners=False, antialias=True)
-        return (images - self.mean) / self.std
+        """[B, 3, H, W] in [0, 1] -> normalised [B, 3, S, S] at the model's input size."""
+        return clip_preprocess(images, self.image_size, self.mean, self.std)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [0, 1] -> unit-norm features [B, D]."""
@@ -147,16 +166,26 @@ class ClipTeacher(nn.Module):
         return self.logit_scale * self.encode_image(images) @ class_features.t()
 
 
-def build_embedded_teacher(p, image_size: int) -> ClipTeacher:
-    cfg = embedded_clip_config(p, image_size)
-    model = build_clip(cfg)
-    return ClipTeacher(model, image_size, p.context_length, {"kind": "embedded", "config": cfg})
+def build_embedded_clip(**config) -> ClipModel:
+    """A randomly initialised embedded CLIP; `config`: embedded_clip_config's keyword arguments."""
+    cfg = embedded_clip_config(**config)
+    return ClipModel(build_clip(cfg), config["image_size"], config["context_length"],
+                     {"kind": "embedded", "config": cfg})
+
+
+def embedded_clip_from_params(section, image_size: int) -> ClipModel:
+    """The embedded CLIP a `teacher` or `student_clip` params section describes (randomly initialised)."""
+    return build_embedded_clip(image_size=image_size, vision=section.vision, embed_dim=section.embed_dim,
+                               vision_width=section.vision_width, vision_layers=section.vision_layers,
+                               vision_heads=section.vision_heads, patch_size=section.patch_size,
+                               text_width=section.text_width, text_layers=section.text_layers,
+                               text_heads=section.text_heads, context_length=section.context_length)
 
 
 RANDOM_WEIGHTS = "random"  # `pretrained: random`: the architecture, randomly initialised (smoke tests, benchmarks)
 
 
-def load_open_clip_teacher(model_name: str, pretrained: str) -> ClipTeacher:
+def load_open_clip(model_name: str, pretrained: str) -> ClipModel:
     """An open_clip architecture with a pretrained tag (downloaded by open_clip, or from its
     cache), a local checkpoint file, or `random` weights; frozen, in eval mode, on the CPU.
 
@@ -180,116 +209,37 @@ def load_open_clip_teacher(model_name: str, pretrained: str) -> ClipTeacher:
                             f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}{hint}") from None
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    teacher = ClipTeacher(model, int(size), model.context_length,
-                          {"kind": "open_clip", "model": model_name, "pretrained": pretrained})
-    return teacher.eval().requires_grad_(False)
+    clip = ClipModel(model, int(size), model.context_length,
+                     {"kind": "open_clip", "model": model_name, "pretrained": pretrained})
+    return clip.eval().requires_grad_(False)
 
 
-def save_teacher(teacher: ClipTeacher, path: str | Path) -> None:
-    """Embedded teachers store weights; open_clip teachers store only where their weights live."""
-    blob = {"spec": teacher.spec, "image_size": teacher.image_size, "context_length": teacher.context_length}
-    if teacher.spec["kind"] == "embedded":
-        blob["state_dict"] = teacher.model.state_dict()
+CLIP_FILE = "clip.pt"  # what the teacher and student_clip stages write in their output folder
+
+
+def save_clip(clip: ClipModel, path: str | Path) -> None:
+    """Embedded CLIPs store weights; open_clip ones store only where their weights live."""
+    blob = {"spec": clip.spec, "image_size": clip.image_size, "context_length": clip.context_length}
+    if clip.spec["kind"] == "embedded":
+        blob["state_dict"] = clip.model.state_dict()
     torch.save(blob, path)
 
 
-def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> ClipTeacher:
-    """Rebuild the teacher a `teacher` stage wrote; frozen, in eval mode, on `device`."""
+def load_clip(path: str | Path, device: torch.device | str = "cpu") -> ClipModel:
+    """Rebuild the CLIP a `teacher` or `student_clip` stage wrote (its folder or its clip.pt);
+    frozen, in eval mode, on `device`."""
     path = Path(path)
     if path.is_dir():
-        path = path / "teacher.pt"
-    blob = read_checkpoint(path, "teacher checkpoint", "teacher", "spec")
+        path = path / CLIP_FILE
+    blob = read_checkpoint(path, "CLIP checkpoint", "teacher or student_clip", "spec")
     spec = blob["spec"]
     if spec["kind"] == "embedded":
         model = build_clip(spec["config"])
         model.load_state_dict(blob["state_dict"])
-        teacher = ClipTeacher(model, blob["image_size"], blob["context_length"], spec)
+        clip = ClipModel(model, blob["image_size"], blob["context_length"], spec)
     else:
-        teacher = load_open_clip_teacher(spec["model"], spec["pretrained"])
-    teacher.eval().requires_grad_(False)
-    return teacher.to(device)
+        clip = load_open_clip(spec["model"], spec["pretrained"])
+    clip.eval().requires_grad_(False)
+    return clip.to(device)
 
 
-def multi_positive_clip_loss(img: torch.Tensor, txt: torch.Tensor, token_ids: torch.Tensor,
-                             logit_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE where every pair with an identical caption is a positive.
-
-    With 7 classes and a handful of styles, a batch holds many identical captions; treating them
-    as negatives (plain CLIP) would push apart features that should match. Targets are the
-    uniform distribution over identical-caption partners.
-    img, txt: unit-norm [B, D]; token_ids: [B, L].
-    """
-    logits = logit_scale * img @ txt.t()
-    same = (token_ids[:, None, :] == token_ids[None, :, :]).all(-1).float()
-    targets = same / same.sum(1, keepdim=True)
-    loss_i = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
-    loss_t = torch.sum(-targets * F.log_softmax(logits.t(), dim=1), dim=1).mean()
-    return 0.5 * (loss_i + loss_t)
-
-
-def train_teacher(teacher: ClipTeacher, images: torch.Tensor, captions: list[str], *, epochs: int,
-                  batch_size: int, lr: float, weight_decay: float, generator: torch.Generator,
-                  device: torch.device, checkpoints: Checkpoints | None = None) -> list[float]:
-    """Image-caption contrastive training of the embedded teacher.
-
-    images: uint8 [N, 3, H, W]; captions: N strings. AdamW + cosine schedule with warm-up;
-    light augmentation (flip, 4-px translation). `checkpoints` makes it resumable
-    (`resumable.run_steps`). Returns per-step losses.
-    """
-    teacher.train().to(device)
-    tokens = teacher._tokenizer(captions)
-    params_decay = [p for n, p in teacher.model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    params_other = [p for n, p in teacher.model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": params_decay, "weight_decay": weight_decay},
-                             {"params": params_other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
-    batches = EpochOrder(images.shape[0], batch_size, generator)
-    total = epochs * batches.steps_per_epoch
-    warmup = max(1, total // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(s / total * 3.14159265)).item()))
-
-    def step(i: int) -> float:
-        idx = batches.batch(i)
-        x = flip_translate(images[idx].float().div(255), generator).to(device)
-        tok = tokens[idx].to(device)
-        img_f = F.normalize(teacher.model.encode_image(teacher.preprocess(x)), dim=-1)
-        # Encode each distinct caption once: batches repeat captions, and the text tower dominates cost.
-        uniq, inverse = torch.unique(tok, dim=0, return_inverse=True)
-        txt_f = F.normalize(teacher.model.encode_text(uniq), dim=-1)[inverse]
-        loss = multi_positive_clip_loss(img_f, txt_f, tok, teacher.model.logit_scale.exp())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            teacher.model.logit_scale.clamp_(0, 4.6052)  # ln(100), as open_clip does
-        return loss.item()
-
-    losses = run_steps(step, total, state={"model": teacher.model, "optimizer": opt, "scheduler": sched,
-                                           "batches": batches},
-                       generators=[generator], checkpoints=checkpoints, desc="teacher")
-    teacher.eval()
-    return losses
-
-
-def materialise_clip(p, world_train: Path, image_size: int, generator: torch.Generator,
-                     device: torch.device, checkpoints: Checkpoints | None = None) -> tuple[ClipTeacher, dict]:
-    """The CLIP a `teacher`-shaped params section names: trained here on the world's captioned
-    train split (source embedded) or loaded from open_clip (source open_clip). Returns
-    (model on CPU, summary). Used for the teacher and for the prompt students' smaller CLIP.
-    `checkpoints` makes the training resumable."""
-    from .data import load_captioned_split
-
-    summary = {"source": p.source}
-    if p.source == "embedded":
-        images, captions, _ = load_captioned_split(world_train, image_size)
-        model = build_embedded_teacher(p, image_size)
-        losses = train_teacher(model, images, captions, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
-                               weight_decay=p.weight_decay, generator=generator, device=device,
-                               checkpoints=checkpoints)
-        summary.update(final_loss=sum(losses[-20:]) / len(losses[-20:]), steps=len(losses),
-                       logit_scale=model.logit_scale)
-    else:
-        model = load_open_clip_teacher(p.open_clip_model, p.pretrained)
-        summary.update(model=p.open_clip_model, pretrained=p.pretrained)
-    return model.cpu(), summary

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .runtime import PipelineError
+from .runtime import PipelineError, load_weights
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -111,7 +111,7 @@ def load_shards(synth_dir: str | Path) -> tuple[torch.Tensor, pd.DataFrame]:
     for name in index["shard"].unique():
         path = synth_dir / "shards" / name
         try:
-            shards[name] = torch.load(path, map_location="cpu", weights_only=True)["images"]
+            shards[name] = load_weights(path)["images"]
         except Exception as exc:  # a truncated or foreign file is one error to the user
             raise PipelineError(f"shard {path} is unreadable: {type(exc).__name__}") from None
     images = torch.stack([shards[s][r] for s, r in zip(index["shard"], index["row"])])

@@ -35,22 +35,22 @@ def symmetric_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 
 
 def promptkd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
-                  weight: float = 1000.0) -> torch.Tensor:
-    """PromptKD: weight * T^2 * sum_{b,c} KL(softmax(t/T) || softmax(s/T)) / (B * C).
+                  kd_weight: float = 1000.0) -> torch.Tensor:
+    """PromptKD: kd_weight * T^2 * sum_{b,c} KL(softmax(t/T) || softmax(s/T)) / (B * C).
 
     Dividing the summed KL by B * C (not B) is PromptKD's `F.kl_div(..., reduction='sum') /
     numel`; the large weight (1000) compensates.
     """
-    return weight * kd_kl(student, teacher, temperature) / student.shape[1]
+    return kd_weight * kd_kl(student, teacher, temperature) / student.shape[1]
 
 
+# `distill.loss`: name -> fn(student_logits, teacher_logits, temperature[, kd_weight])
 LOSSES = {"kl": kd_kl, "reverse_kl": reverse_kl, "symmetric_kl": symmetric_kl, "promptkd": promptkd_loss}
 
 
-def get_loss(name: str, kd_weight: float = 1000.0):
-    """The loss `distill.loss` names, as fn(student_logits, teacher_logits, temperature)."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown distill.loss '{name}'; choose one of {', '.join(LOSSES)}")
+def get_loss(name: str, kd_weight: float):
+    """The loss `distill.loss` names, as fn(student_logits, teacher_logits, temperature);
+    `kd_weight` (`distill.kd_weight`) is bound for the losses that take it (promptkd)."""
     if name == "promptkd":
-        return functools.partial(promptkd_loss, weight=kd_weight)
+        return functools.partial(promptkd_loss, kd_weight=kd_weight)
     return LOSSES[name]

@@ -1,15 +1,18 @@
 """The one config source: `params.yaml` parsed into typed dataclasses and validated.
 
 Every stage calls `load_params()` first, so an unknown key, a wrong type or an empty class list
-fails at stage start with one line naming the key, before anything is written. A key left out of
-a params file takes its dataclass default, which is params.yaml's value (tested).
+fails at stage start with one line naming the key, before anything is written. The dataclasses
+hold types only: every key is written out in each params file (params.yaml, presets/, the tests'
+tiny file), so params.yaml is the one place a default lives and DVC tracks every key a stage reads.
+A stage unpacks its section into explicit keyword arguments, so grepping a key's leaf name finds
+its use in one hop.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -23,146 +26,150 @@ class ParamsError(PipelineError, ValueError):
 
 @dataclass(frozen=True)
 class WorldParams:
+    source: str
+    root: str
     classes: list[str]
-    source: str = "embedded"       # embedded (render the procedural world) | folder (a PACS-style folder)
-    root: str = ""                 # source folder: <root>/<domain>/<class>/* images, evaluated per domain
-    image_size: int = 32
-    eval_domains: list[str] = field(default_factory=lambda: ["photo", "painting", "cartoon", "sketch"])
-    train_styles: list[str] = field(default_factory=lambda: ["photo", "painting", "cartoon", "sketch", "neon",
-                                                             "silhouette", "mosaic"])
-    train_per_class_style: int = 80
-    test_per_class_domain: int = 60
+    image_size: int
+    eval_domains: list[str]
+    train_styles: list[str]
+    train_per_class_style: int
+    test_per_class_domain: int
 
 
 @dataclass(frozen=True)
-class TeacherParams:
-    source: str = "embedded"
-    open_clip_model: str = "ViT-B-32"
-    pretrained: str = ""
-    vision: str = "convnet"
-    embed_dim: int = 64
-    vision_width: int = 24
-    vision_layers: int = 4
-    vision_heads: int = 4
-    patch_size: int = 8
-    text_width: int = 64
-    text_layers: int = 2
-    text_heads: int = 2
-    context_length: int = 16
-    epochs: int = 16
-    batch_size: int = 128
-    lr: float = 4e-3
-    weight_decay: float = 0.1
-    checkpoint_every: int = 100    # steps between resumable training-state saves (0 = only at the end)
-
-
-@dataclass(frozen=True)
-class StudentClipParams(TeacherParams):
-    """The smaller CLIP the prompt students (PromptKD, KDPL) start from: same keys as `teacher`,
-    a smaller and weaker embedded default; on the real path an open_clip model + pretrained tag."""
-    embed_dim: int = 32
-    vision_width: int = 16
-    text_layers: int = 1
-    epochs: int = 10
+class ClipParams:
+    """`teacher` and `student_clip`: the same keys, each section written out in full in params.yaml."""
+    source: str
+    open_clip_model: str
+    pretrained: str
+    vision: str
+    embed_dim: int
+    vision_width: int
+    vision_layers: int
+    vision_heads: int
+    patch_size: int
+    text_width: int
+    text_layers: int
+    text_heads: int
+    context_length: int
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    checkpoint_every: int
 
 
 @dataclass(frozen=True)
 class GeneratorParams:
-    source: str = "embedded"
-    taming_config: str = ""
-    taming_checkpoint: str = ""
-    embed_dim: int = 32
-    n_embed: int = 256
-    ch: int = 32
-    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2])
-    num_res_blocks: int = 0        # taming's blocks use num_res_blocks + 1 per level
-    steps: int = 4800
-    batch_size: int = 64
-    lr: float = 2e-3
-    checkpoint_every: int = 500    # steps between resumable training-state saves (0 = only at the end)
+    source: str
+    taming_config: str
+    taming_checkpoint: str
+    embed_dim: int
+    n_embed: int
+    ch: int
+    ch_mult: list[int]
+    num_res_blocks: int
+    steps: int
+    batch_size: int
+    lr: float
+    checkpoint_every: int
 
 
 @dataclass(frozen=True)
 class MixPromptParams:
-    styles_file: str = ""          # empty = the shipped clipdistill/assets/styles.txt
-    k: int = 2                     # styles mixed per prompt
-    dirichlet_alpha: float = 1.0   # k = 2, alpha = 1: weight lambda ~ U(0, 1)
+    styles_file: str
+    k: int
+    dirichlet_alpha: float
 
 
 @dataclass(frozen=True)
 class RandomPromptParams:
-    scale: float = 1.0             # multiplies the fitted per-dimension std
-    fit_words: str = ""            # fit to these words' token rows (a word-list file); empty = every row
+    scale: float
+    fit_words: str
 
 
 @dataclass(frozen=True)
 class ContrastivePromptParams:
-    steps: int = 60                # Adam steps per batch of prompts
-    lr: float = 0.001              # token embeddings have std ~0.02: larger steps leave their range
-    temperature: float = 0.1
-    bank_size: int = 256           # FIFO memory bank of earlier prompts' features (0 = none)
-    content_weight: float = 2.0    # weight of 1 - cos(prompt, class content) against InfoNCE
-    batch_size: int = 64
-    content_template: str = "{}"   # the class content prompt the styled prompt must stay near
+    steps: int
+    lr: float
+    temperature: float
+    bank_size: int
+    content_weight: float
+    batch_size: int
+    content_template: str
 
 
 @dataclass(frozen=True)
 class PromptsParams:
-    method: str = "vanilla"
-    per_class: int = 100
-    template: str = "a photo of a {}"
-    style_template: str = "a {style} style of a {class}"
-    mix: MixPromptParams = field(default_factory=MixPromptParams)
-    random: RandomPromptParams = field(default_factory=RandomPromptParams)
-    contrastive: ContrastivePromptParams = field(default_factory=ContrastivePromptParams)
+    method: str
+    per_class: int
+    template: str
+    style_template: str
+    mix: MixPromptParams
+    random: RandomPromptParams
+    contrastive: ContrastivePromptParams
 
 
 @dataclass(frozen=True)
 class SynthesizeParams:
-    batch_size: int = 64
-    shard_size: int = 128
-    steps: int = 30
-    lr: float = 0.1
-    cutn: int = 4
-    cut_pow: float = 1.0
-    min_cut: float = 0.5
-    augment: bool = True
+    batch_size: int
+    shard_size: int
+    steps: int
+    lr: float
+    cutn: int
+    cut_pow: float
+    min_cut: float
+    augment: bool
 
 
 @dataclass(frozen=True)
 class TextFeaturesParams:
-    templates: list[str] = field(default_factory=lambda: [f"a {domain} of a {{}}." for domain in (
-        "photo", "painting", "cartoon", "sketch", "drawing", "picture")])
+    templates: list[str]
+
+
+@dataclass(frozen=True)
+class CnnStudentParams:
+    backbone: str
+    head: str
+    depth: int
+    width: int
+
+
+@dataclass(frozen=True)
+class PromptKDStudentParams:
+    n_prompts: int
+    prompt_depth: int
+
+
+@dataclass(frozen=True)
+class KDPLStudentParams:
+    n_ctx: int
+    ctx_init: str
+    n_prompts: int
+    prompt_depth: int
+    class_agnostic: bool
+    topk: int
+    classnames_file: str
 
 
 @dataclass(frozen=True)
 class DistillParams:
-    student: str = "cnn"
-    backbone: str = "cifar_resnet"  # cnn student: cifar_resnet (width, depth) | resnet18 (torchvision, 224 px)
-    head: str = "projection"
-    loss: str = "kl"
-    depth: int = 2
-    width: int = 32
-    temperature: float = 4.0
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 5e-4
-    optimizer: str = "adamw"       # adamw | sgd (momentum 0.9: CoOp's, KDPL's and PromptKD's optimiser)
-    augment: bool = True
-    images: str = "synthetic"      # synthetic | world (the world's train images, labels discarded) | a folder
-    base_to_novel: bool = True     # also train on the first half of the classes; evaluate base/novel/HM
-    checkpoint_every: int = 100    # steps between resumable training-state saves (0 = only at the end)
-    # prompt students (PromptKD, KDPL)
-    n_prompts: int = 4             # visual prompt tokens per layer (conv tower: side of a prompt map)
-    prompt_depth: int = 4          # layers with visual prompts
-    n_ctx: int = 4                 # KDPL: CoOp context tokens
-    ctx_init: str = "a photo of a"
-    visual_prompts: int = 0        # KDPL: visual prompts too (0 = text context only)
-    kd_weight: float = 1000.0      # loss `promptkd`: PromptKD's weight
-    class_agnostic: bool = False   # KDPL-CA: class names from the dictionary, top-K per batch
-    topk: int = 1000
-    classnames_file: str = ""      # empty = clipdistill/assets/classnames.txt
+    student: str
+    images: str
+    base_to_novel: bool
+    checkpoint_every: int
+    loss: str
+    kd_weight: float
+    temperature: float
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    optimizer: str
+    augment: bool
+    cnn: CnnStudentParams
+    promptkd: PromptKDStudentParams
+    kdpl: KDPLStudentParams
 
 
 @dataclass(frozen=True)
@@ -173,55 +180,66 @@ class EvalDataset:
 
 @dataclass(frozen=True)
 class EvalParams:
-    batch_size: int = 256
-    speed_batch: int = 64          # batch of the images/s measurement (speed.json)
-    datasets: list[EvalDataset] = field(default_factory=list)
+    batch_size: int
+    speed_batch: int
+    datasets: list[EvalDataset]
 
 
 @dataclass(frozen=True)
 class Params:
+    seed: int
+    device: str
+    precision: str
+    threads: int
     world: WorldParams
-    teacher: TeacherParams
+    teacher: ClipParams
     generator: GeneratorParams
     prompts: PromptsParams
     synthesize: SynthesizeParams
     text_features: TextFeaturesParams
+    student_clip: ClipParams
     distill: DistillParams
     eval: EvalParams
-    student_clip: StudentClipParams = field(default_factory=StudentClipParams)
-    seed: int = 0
-    device: str = "cpu"
-    precision: str = "auto"
-    threads: int = 2
 
 
-# Allowed values of the keys that pick among implementations; the registries live next to the code.
-CHOICES = {
-    "device": ("cpu", "cuda", "auto"),
-    "precision": ("auto", "fp32", "bf16"),
-    "world.source": ("embedded", "folder"),
-    "distill.backbone": ("cifar_resnet", "resnet18"),
-    "teacher.source": ("embedded", "open_clip"),
-    "teacher.vision": ("convnet", "vit"),
-    "generator.source": ("embedded", "taming"),
-    "prompts.method": ("vanilla", "mix", "random", "contrastive"),
-    "student_clip.source": ("embedded", "open_clip"),
-    "student_clip.vision": ("convnet", "vit"),
-    "distill.student": ("cnn", "promptkd", "kdpl"),
-    "distill.head": ("projection", "linear"),
-    "distill.loss": ("kl", "reverse_kl", "symmetric_kl", "promptkd"),
-    "distill.optimizer": ("adamw", "sgd"),
+# Keys that pick among implementations: the allowed values are the names of the registry that
+# implements them (module, table), read at validation. Only the names are read, so these modules
+# are not deps of every stage in dvc.yaml (tests/test_dvc_deps.py follows code, not name lookups).
+REGISTRIES = {
+    "device": ("clipdistill.runtime", "DEVICES"),
+    "precision": ("clipdistill.runtime", "PRECISIONS"),
+    "world.source": ("clipdistill.world", "SOURCES"),
+    "teacher.source": ("clipdistill.clip_models", "CLIP_SOURCES"),
+    "teacher.vision": ("clipdistill.clip_models", "IMAGE_TOWERS"),
+    "student_clip.source": ("clipdistill.clip_models", "CLIP_SOURCES"),
+    "student_clip.vision": ("clipdistill.clip_models", "IMAGE_TOWERS"),
+    "generator.source": ("clipdistill.vqgan", "SOURCES"),
+    "prompts.method": ("clipdistill.prompts", "METHODS"),
+    "distill.student": ("clipdistill.students", "STUDENTS"),
+    "distill.loss": ("clipdistill.losses", "LOSSES"),
+    "distill.optimizer": ("clipdistill.training", "OPTIMIZERS"),
+    "distill.cnn.backbone": ("clipdistill.students", "BACKBONES"),
+    "distill.cnn.head": ("clipdistill.students", "HEADS"),
 }
+
+
+def choices(key: str) -> tuple[str, ...]:
+    """The allowed values of `key`: the names in its registry."""
+    import importlib
+
+    module, table = REGISTRIES[key]
+    return tuple(getattr(importlib.import_module(module), table))
+
+
 POSITIVE = {
     "world.image_size", "world.train_per_class_style", "world.test_per_class_domain",
-    "teacher.embed_dim", "teacher.epochs", "teacher.batch_size", "teacher.context_length",
     "generator.steps", "generator.batch_size", "generator.n_embed", "generator.embed_dim",
     "prompts.per_class", "prompts.mix.k", "prompts.mix.dirichlet_alpha", "prompts.random.scale",
     "prompts.contrastive.steps", "prompts.contrastive.lr", "prompts.contrastive.temperature",
     "prompts.contrastive.batch_size", "synthesize.batch_size", "synthesize.shard_size", "synthesize.steps",
-    "synthesize.cutn", "distill.epochs", "distill.batch_size", "distill.width", "distill.depth",
-    "distill.temperature", "eval.batch_size", "eval.speed_batch", "distill.topk", "distill.kd_weight", "distill.n_ctx",
-    "student_clip.embed_dim", "student_clip.epochs", "student_clip.batch_size", "student_clip.context_length",
+    "synthesize.cutn", "distill.epochs", "distill.batch_size", "distill.cnn.width", "distill.cnn.depth",
+    "distill.temperature", "eval.batch_size", "eval.speed_batch", "distill.kdpl.topk", "distill.kd_weight",
+    "distill.kdpl.n_ctx",
 }
 # Sizes of the embedded CLIPs' towers (teacher, student_clip), all > 0.
 _CLIP_SIZES = ("embed_dim", "vision_width", "vision_layers", "vision_heads", "patch_size", "text_width",
@@ -230,8 +248,9 @@ POSITIVE |= {f"{section}.{key}" for section in ("teacher", "student_clip") for k
 # Learning rates and other step sizes: a zero or negative one trains nothing or climbs the loss.
 POSITIVE |= {"generator.lr", "generator.ch", "synthesize.lr", "distill.lr"}
 NON_NEGATIVE = {"teacher.checkpoint_every", "student_clip.checkpoint_every", "generator.checkpoint_every",
-                "distill.checkpoint_every", "prompts.contrastive.bank_size", "prompts.contrastive.content_weight", "distill.n_prompts",
-                "distill.prompt_depth", "distill.visual_prompts", "seed", "threads", "teacher.weight_decay",
+                "distill.checkpoint_every", "prompts.contrastive.bank_size", "prompts.contrastive.content_weight",
+                "distill.promptkd.n_prompts", "distill.promptkd.prompt_depth", "distill.kdpl.n_prompts",
+                "distill.kdpl.prompt_depth", "seed", "threads", "teacher.weight_decay",
                 "student_clip.weight_decay", "distill.weight_decay", "generator.num_res_blocks", "synthesize.cut_pow"}
 NON_EMPTY = {"world.classes", "world.eval_domains", "world.train_styles", "text_features.templates",
              "generator.ch_mult"}
@@ -291,19 +310,20 @@ def _build(cls, raw, prefix: str):
         full = f"{prefix}.{name}" if prefix else name
         if name in raw:
             values[name] = _coerce(raw[name], hints[name], full)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        else:  # every key is written out in the params file: no default hides from DVC's params tracking
             raise ParamsError(f"missing params key '{full}'")
     return cls(**values)
 
 
-def _check_values(p: Params) -> None:
+def _check_values(params: Params) -> None:
     def get(key):
-        obj = p
+        obj = params
         for part in key.split("."):
             obj = getattr(obj, part)
         return obj
 
-    for key, allowed in CHOICES.items():
+    for key in REGISTRIES:
+        allowed = choices(key)
         if get(key) not in allowed:
             raise ParamsError(f"params key '{key}' is {get(key)!r}; choose one of {', '.join(allowed)}")
     for key in POSITIVE:
@@ -315,45 +335,45 @@ def _check_values(p: Params) -> None:
     for key in NON_EMPTY:
         if not get(key):
             raise ParamsError(f"params key '{key}' is empty; list at least one entry")
-    for i, m in enumerate(p.generator.ch_mult):
+    for i, m in enumerate(params.generator.ch_mult):
         if m <= 0:
             raise ParamsError(f"params key 'generator.ch_mult[{i}]' must be > 0, got {m!r}")
     for key in FOLDER_NAMES:
         _check_folder_names(key, get(key))
-    if p.world.source == "folder":
-        _check_folder_world(p)
+    if params.world.source == "folder":
+        _check_folder_world(params)
     else:
-        _check_embedded_world(p)
-    _check_architectures(p)
-    missing = [d for d in p.world.eval_domains if d not in p.world.train_styles]
-    if p.world.source == "embedded" and p.teacher.source == "embedded" and missing:
+        _check_embedded_world(params)
+    _check_architectures(params)
+    missing = [d for d in params.world.eval_domains if d not in params.world.train_styles]
+    if params.world.source == "embedded" and params.teacher.source == "embedded" and missing:
         raise ParamsError(f"params key 'world.train_styles' lacks evaluated domain(s) {', '.join(missing)}")
     for key in ("prompts.template", "prompts.contrastive.content_template"):
         if "{}" not in get(key):
             raise ParamsError(f"params key '{key}' must contain '{{}}' where the class name goes")
     for slot in ("{style}", "{class}"):
-        if p.prompts.style_template.count(slot) != 1:
+        if params.prompts.style_template.count(slot) != 1:
             raise ParamsError(f"params key 'prompts.style_template' must contain {slot} exactly once")
-    for i, t in enumerate(p.text_features.templates):
+    for i, t in enumerate(params.text_features.templates):
         if "{}" not in t:
             raise ParamsError(f"params key 'text_features.templates[{i}]' must contain '{{}}'")
-    if not 0 < p.synthesize.min_cut <= 1:
-        raise ParamsError(f"params key 'synthesize.min_cut' must be in (0, 1], got {p.synthesize.min_cut}")
-    names = [d.name for d in p.eval.datasets]
+    if not 0 < params.synthesize.min_cut <= 1:
+        raise ParamsError(f"params key 'synthesize.min_cut' must be in (0, 1], got {params.synthesize.min_cut}")
+    names = [dataset.name for dataset in params.eval.datasets]
     if len(set(names)) != len(names) or "world" in names:
         raise ParamsError("params key 'eval.datasets' needs unique names other than 'world'")
-    if p.teacher.source == "open_clip" and not p.teacher.pretrained:
+    if params.teacher.source == "open_clip" and not params.teacher.pretrained:
         raise ParamsError("params key 'teacher.pretrained' must name an open_clip tag or checkpoint path "
                           "when teacher.source is open_clip")
-    if p.student_clip.source == "open_clip" and not p.student_clip.pretrained:
+    if params.student_clip.source == "open_clip" and not params.student_clip.pretrained:
         raise ParamsError("params key 'student_clip.pretrained' must name an open_clip tag or checkpoint path "
                           "when student_clip.source is open_clip")
-    if p.distill.class_agnostic and p.distill.student != "kdpl":
-        raise ParamsError("params key 'distill.class_agnostic' needs distill.student: kdpl")
-    if p.distill.student == "cnn" and p.distill.head == "linear" and p.distill.base_to_novel:
-        raise ParamsError("params key 'distill.base_to_novel' needs distill.head: projection (a linear head "
+    if params.distill.kdpl.class_agnostic and params.distill.student != "kdpl":
+        raise ParamsError("params key 'distill.kdpl.class_agnostic' needs distill.student: kdpl")
+    if params.distill.student == "cnn" and params.distill.cnn.head == "linear" and params.distill.base_to_novel:
+        raise ParamsError("params key 'distill.base_to_novel' needs distill.cnn.head: projection (a linear head "
                           "cannot score classes it was not trained on)")
-    if p.generator.source == "taming" and not (p.generator.taming_config and p.generator.taming_checkpoint):
+    if params.generator.source == "taming" and not (params.generator.taming_config and params.generator.taming_checkpoint):
         raise ParamsError("params keys 'generator.taming_config' and 'generator.taming_checkpoint' are "
                           "required when generator.source is taming")
 
@@ -373,54 +393,52 @@ def _check_folder_names(key: str, items: list[str]) -> None:
         seen.add(name)
 
 
-def _check_embedded_world(p: Params) -> None:
+def _check_embedded_world(params: Params) -> None:
     """world.source embedded: the procedural world renders only its own classes and styles, and the
     stages that train on it need batches no larger than the images it holds."""
     from .world import CLASSES, STYLES
 
-    w = p.world
-    unknown = [c for c in w.classes if c not in CLASSES]
+    unknown = [c for c in params.world.classes if c not in CLASSES]
     if unknown:
         raise ParamsError(f"params key 'world.classes' has {unknown[0]!r}, which the embedded world cannot render "
                           f"(renderable: {', '.join(CLASSES)}); for other classes use world.source folder")
     for key in ("world.train_styles", "world.eval_domains"):
-        unknown = [s for s in getattr(w, key.split(".")[1]) if s not in STYLES]
+        unknown = [s for s in getattr(params.world, key.split(".")[1]) if s not in STYLES]
         if unknown:
             raise ParamsError(f"params key '{key}' has {unknown[0]!r}, which the embedded world cannot render "
                               f"(styles: {', '.join(STYLES)})")
-    if w.image_size < 8:
-        raise ParamsError(f"params key 'world.image_size' is {w.image_size}; the embedded world renders at least 8 px")
-    n_classes = len(w.classes)
-    captioned = len(w.train_styles) * w.train_per_class_style * n_classes
+    if params.world.image_size < 8:
+        raise ParamsError(f"params key 'world.image_size' is {params.world.image_size}; the embedded world renders at least 8 px")
+    n_classes = len(params.world.classes)
+    captioned = len(params.world.train_styles) * params.world.train_per_class_style * n_classes
     for key in ("teacher", "student_clip"):
-        section = getattr(p, key)
+        section = getattr(params, key)
         if section.source == "embedded" and section.batch_size > captioned:
             raise ParamsError(f"params key '{key}.batch_size' is {section.batch_size}, more than the {captioned} "
                               f"captioned train images (world.train_styles x world.train_per_class_style x "
                               f"world.classes)")
-    d = p.distill
-    if d.images not in ("synthetic", "world"):
+    if params.distill.images not in ("synthetic", "world"):
         return  # a folder of unlabeled images: counted when the distill stage reads it
-    if d.images == "synthetic":
-        per_class, what = p.prompts.per_class, "synthesized images (prompts.per_class x world.classes)"
+    if params.distill.images == "synthetic":
+        per_class, what = params.prompts.per_class, "synthesized images (prompts.per_class x world.classes)"
     else:
-        per_class = len(w.train_styles) * w.train_per_class_style
+        per_class = len(params.world.train_styles) * params.world.train_per_class_style
         what = "world train images (world.train_styles x world.train_per_class_style x world.classes)"
-    if d.batch_size > per_class * n_classes:
-        raise ParamsError(f"params key 'distill.batch_size' is {d.batch_size}, more than the "
+    if params.distill.batch_size > per_class * n_classes:
+        raise ParamsError(f"params key 'distill.batch_size' is {params.distill.batch_size}, more than the "
                           f"{per_class * n_classes} {what}")
     n_base = n_classes // 2
-    if d.base_to_novel and n_base and d.batch_size > per_class * n_base:
-        raise ParamsError(f"params key 'distill.batch_size' is {d.batch_size}, more than the {per_class * n_base} "
+    if params.distill.base_to_novel and n_base and params.distill.batch_size > per_class * n_base:
+        raise ParamsError(f"params key 'distill.batch_size' is {params.distill.batch_size}, more than the {per_class * n_base} "
                           f"images of the {n_base} base class{'es' if n_base > 1 else ''} that "
                           f"distill.base_to_novel trains on")
 
 
-def _check_architectures(p: Params) -> None:
+def _check_architectures(params: Params) -> None:
     """What the embedded CLIPs and VQGAN can be built from, before a stage builds them."""
-    size = p.world.image_size
+    size = params.world.image_size
     for key in ("teacher", "student_clip"):
-        c = getattr(p, key)
+        c = getattr(params, key)
         if c.source != "embedded":
             continue
         if c.text_width % c.text_heads:
@@ -432,31 +450,30 @@ def _check_architectures(p: Params) -> None:
         if c.vision == "convnet" and size < 2 ** _CONV_TOWER_POOLS:
             raise ParamsError(f"params key 'world.image_size' is {size}; the embedded {key}'s conv tower "
                               f"(vision: convnet) needs at least {2 ** _CONV_TOWER_POOLS} px")
-    g = p.generator
-    if g.source != "embedded":
+    if params.generator.source != "embedded":
         return
-    widths = [g.ch * m for m in g.ch_mult]
-    if any(wd % _GROUPNORM_GROUPS for wd in [g.ch, *widths]):
-        raise ParamsError(f"params keys 'generator.ch' ({g.ch}) x 'generator.ch_mult' ({g.ch_mult}) must all be "
+    widths = [params.generator.ch * m for m in params.generator.ch_mult]
+    if any(wd % _GROUPNORM_GROUPS for wd in [params.generator.ch, *widths]):
+        raise ParamsError(f"params keys 'generator.ch' ({params.generator.ch}) x 'generator.ch_mult' ({params.generator.ch_mult}) must all be "
                           f"multiples of {_GROUPNORM_GROUPS} (taming's blocks use GroupNorm({_GROUPNORM_GROUPS}))")
-    factor = 2 ** (len(g.ch_mult) - 1)
+    factor = 2 ** (len(params.generator.ch_mult) - 1)
     if size % factor:
         raise ParamsError(f"params key 'world.image_size' is {size}, not divisible by the VQGAN's downsampling "
                           f"factor {factor} (2 ** (len(generator.ch_mult) - 1))")
 
 
-def _check_folder_world(p: Params) -> None:
+def _check_folder_world(params: Params) -> None:
     """world.source folder: a real dataset replaces the rendered world, so nothing may train on
     the world's captions (there are none) and the world's unlabeled train split does not exist."""
-    if not p.world.root:
+    if not params.world.root:
         raise ParamsError("params key 'world.root' must name the image folder (<root>/<domain>/<class>/*) "
                           "when world.source is folder")
     for key in ("teacher", "student_clip", "generator"):
-        if getattr(p, key).source == "embedded" and (key != "student_clip" or p.distill.student != "cnn"):
+        if getattr(params, key).source == "embedded" and (key != "student_clip" or params.distill.student != "cnn"):
             want = "taming" if key == "generator" else "open_clip"
             raise ParamsError(f"params key '{key}.source' is embedded, which trains on the rendered world; "
                               f"with world.source folder set it to {want}")
-    if p.distill.images == "world":
+    if params.distill.images == "world":
         raise ParamsError("params key 'distill.images' is world, the rendered world's train split; with "
                           "world.source folder give synthetic or the path of an unlabeled image folder")
 

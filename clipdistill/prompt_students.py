@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from .clip_models import CLIP_MEAN, CLIP_STD, ClipTeacher, ConvImageTower, build_clip, load_open_clip_teacher
-from .losses import promptkd_loss  # noqa: F401  (PromptKD's loss lives with the others)
+from .clip_models import (CLIP_MEAN, CLIP_STD, ClipModel, ConvImageTower, build_clip, clip_logit_scale, clip_preprocess,
+                          load_open_clip)
 from .params import ParamsError
-from .runtime import PipelineError, read_checkpoint, read_word_list
+from .runtime import PipelineError, read_word_list
 from .text_encoder import encode_with_context
 
 DEFAULT_CLASSNAMES = Path(__file__).parent / "assets" / "classnames.txt"
@@ -44,8 +44,8 @@ class VitPrompts(nn.Module):
         super().__init__()
         layers = len(visual.transformer.resblocks)
         if not 0 <= depth <= layers:
-            raise ParamsError(f"params key 'distill.prompt_depth': visual prompt depth {depth} must be within "
-                              f"0..{layers} (the ViT image tower's layers)")
+            raise ParamsError(f"params key 'distill.<student>.prompt_depth': visual prompt depth {depth} must be "
+                              f"within 0..{layers} (the ViT image tower's layers)")
         if not visual.transformer.batch_first:
             raise PipelineError("visual prompts need a batch-first open_clip transformer (open_clip >= 3)")
         self.visual = visual
@@ -101,8 +101,8 @@ class ConvPrompts(nn.Module):
         starts = [i for i, m in enumerate(visual.features) if isinstance(m, nn.Conv2d)] + [len(visual.features)]
         self.stage_bounds = list(zip(starts[:-1], starts[1:]))
         if not 0 <= depth <= len(self.stage_bounds):
-            raise ParamsError(f"params key 'distill.prompt_depth': visual prompt depth {depth} must be within "
-                              f"0..{len(self.stage_bounds)} (the conv image tower's stages)")
+            raise ParamsError(f"params key 'distill.<student>.prompt_depth': visual prompt depth {depth} must be "
+                              f"within 0..{len(self.stage_bounds)} (the conv image tower's stages)")
         self.visual = visual
         self.n_prompts = n_prompts if depth > 0 else 0
         self.depth = depth if n_prompts > 0 else 0
@@ -135,16 +135,9 @@ def prompted_image_encoder(visual: nn.Module, n_prompts: int, depth: int, genera
                         f"not {type(visual).__name__}")
 
 
-def _preprocess(images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] in [0, 1] -> CLIP-normalised [B, 3, size, size] (as ClipTeacher.preprocess)."""
-    if images.shape[-2:] != (size, size):
-        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return (images - mean) / std
-
-
 def _unwrap(clip, spec: dict | None, image_size: int | None, context_length: int | None):
-    """(open_clip.CLIP, spec, image_size, context_length) from a ClipTeacher or a bare CLIP."""
-    if isinstance(clip, ClipTeacher):
+    """(open_clip.CLIP, spec, image_size, context_length) from a ClipModel or a bare CLIP."""
+    if isinstance(clip, ClipModel):
         return clip.model, clip.spec, clip.image_size, clip.context_length
     if image_size is None:
         size = getattr(clip.visual, "image_size", None)
@@ -165,7 +158,7 @@ class _FrozenClipStudent(nn.Module):
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        return _preprocess(images, self.image_size, self.mean, self.std)
+        return clip_preprocess(images, self.image_size, self.mean, self.std)
 
     def train(self, mode: bool = True):
         # The frozen CLIP must not update BatchNorm statistics (the conv tower has BN) or run
@@ -178,6 +171,41 @@ class _FrozenClipStudent(nn.Module):
     def trainable_state(self) -> dict:
         """state_dict without the frozen CLIP: prompts, projector (with BN statistics), buffers."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(self.frozen_prefixes)}
+
+    # Checkpoints: the small CLIP's spec (its weights too when no name + pretrained tag can
+    # restore them), the hyper-parameters (`_config`) and the trainable state.
+    frozen_module = ""  # the frozen CLIP part whose weights a checkpoint stores when needed
+
+    def checkpoint(self) -> dict:
+        if self.spec is None:
+            raise ValueError("this student has no spec of its CLIP (build it from a ClipModel or pass spec=)")
+        blob = {"spec": self.spec, "image_size": self.image_size, "trainable": self.trainable_state(),
+                "config": self._config()}
+        if _stores_weights(self.spec):
+            blob["frozen"] = self.get_submodule(self.frozen_module).state_dict()
+        return blob
+
+    @classmethod
+    def from_checkpoint(cls, blob: dict, path: Path):
+        try:
+            spec = blob["spec"]
+            if spec["kind"] == "open_clip":  # weights from the tag, or random then overwritten below
+                model = load_open_clip(spec["model"], spec["pretrained"]).model
+            else:
+                model = build_clip(spec["config"])
+            student = cls(model, image_size=blob["image_size"], spec=spec, **blob["config"])
+            if "frozen" in blob:
+                student.get_submodule(student.frozen_module).load_state_dict(blob["frozen"])
+            missing, unexpected = student.load_state_dict(blob["trainable"], strict=False)
+            missing = [k for k in missing if not k.startswith(student.frozen_prefixes)]
+            if missing or unexpected:
+                raise KeyError((missing + unexpected)[0])
+        except PipelineError:
+            raise
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise PipelineError(f"student checkpoint {path} does not match its model: "
+                                f"{type(exc).__name__} {str(exc).splitlines()[0][:120]}") from None
+        return student
 
 
 # ---------------------------------------------------------------- PromptKD
@@ -193,15 +221,17 @@ class PromptKDStudent(_FrozenClipStudent):
     projector only.
     """
 
+    kind = "promptkd"
     frozen_prefixes = ("encoder.visual.",)
+    frozen_module = "encoder.visual"
 
-    def __init__(self, clip, class_vectors: torch.Tensor, logit_scale: float, n_prompts: int = 4, depth: int = 9,
-                 image_size: int | None = None, spec: dict | None = None, generator=None):
+    def __init__(self, clip, class_vectors: torch.Tensor, logit_scale: float, n_prompts: int = 4,
+                 prompt_depth: int = 9, image_size: int | None = None, spec: dict | None = None, generator=None):
         super().__init__()
         model, spec, image_size, _ = _unwrap(clip, spec, image_size, None)
         self._init_io(image_size)
         self.spec = spec
-        self.encoder = prompted_image_encoder(model.visual, n_prompts, depth, generator)
+        self.encoder = prompted_image_encoder(model.visual, n_prompts, prompt_depth, generator)
         self.encoder.visual.requires_grad_(False)
         teacher_dim = class_vectors.shape[1]
         # PromptKD's projector: 1x1 conv (student dim -> teacher dim), BN, ReLU, 1x1 conv; on a
@@ -217,11 +247,17 @@ class PromptKDStudent(_FrozenClipStudent):
     def n_prompts(self) -> int:
         return self.encoder.n_prompts
 
-    @property
-    def depth(self) -> int:
-        return self.encoder.depth
+    @classmethod
+    def from_params(cls, section, *, class_vectors, logit_scale, classes, clip, generator):
+        """From `distill.promptkd` (n_prompts, prompt_depth) over the smaller CLIP `clip`."""
+        return cls(clip, class_vectors, logit_scale, n_prompts=section.n_prompts, prompt_depth=section.prompt_depth,
+                   generator=generator)
 
-    def set_class_vectors(self, class_vectors: torch.Tensor) -> None:
+    def _config(self) -> dict:
+        return {"class_vectors": self.class_vectors, "logit_scale": self.logit_scale, "n_prompts": self.n_prompts,
+                "prompt_depth": self.encoder.depth}
+
+    def set_classes(self, classes: list[str], class_vectors: torch.Tensor) -> None:
         """Swap the class list (e.g. novel classes): [C', D_teacher] teacher text features."""
         if class_vectors.shape[1] != self.class_vectors.shape[1]:
             raise ValueError(f"class vectors of width {class_vectors.shape[1]}, the projector gives "
@@ -245,14 +281,16 @@ class KDPLStudent(_FrozenClipStudent):
     by all classes, initialised from the token embeddings of `ctx_init` (n_ctx must equal its
     token count; empty ctx_init = N(0, 0.02) init, as CoOp), through the frozen text tower.
     Logits [B, K] = exp(logit_scale) (clamped at 100) * cos(image feature, text features).
-    `visual_prompts` > 0 adds the PromptKD visual prompts (VPT-deep / conv analogue) up to
-    `visual_depth`. Trainable: ctx (+ visual prompts) only. clip: open_clip.CLIP or ClipTeacher.
+    `n_prompts` > 0 adds the PromptKD visual prompts (VPT-deep / conv analogue) to the first
+    `prompt_depth` layers. Trainable: ctx (+ visual prompts) only. clip: open_clip.CLIP or ClipModel.
     """
 
+    kind = "kdpl"
     frozen_prefixes = ("clip.", "encoder.visual.")
+    frozen_module = "clip"
 
     def __init__(self, clip, classnames: list[str], n_ctx: int = 4, ctx_init: str = "a photo of a",
-                 visual_prompts: int = 0, visual_depth: int = 1, image_size: int | None = None,
+                 n_prompts: int = 0, prompt_depth: int = 1, image_size: int | None = None,
                  context_length: int | None = None, spec: dict | None = None, generator=None):
         super().__init__()
         model, spec, image_size, context_length = _unwrap(clip, spec, image_size, context_length)
@@ -260,14 +298,13 @@ class KDPLStudent(_FrozenClipStudent):
         self.spec = spec
         self.clip = model.requires_grad_(False).eval()
         self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length or model.context_length)
-        self.encoder = prompted_image_encoder(model.visual, visual_prompts, visual_depth if visual_prompts else 0,
-                                              generator)
+        self.encoder = prompted_image_encoder(model.visual, n_prompts, prompt_depth, generator)
         self.ctx_init = ctx_init
         if ctx_init:
             init_ids = self.tokenizer.encode(ctx_init)
             if len(init_ids) != n_ctx:
-                raise ParamsError(f"params key 'distill.ctx_init' '{ctx_init}' is {len(init_ids)} tokens, "
-                                  f"distill.n_ctx is {n_ctx}: make them agree")
+                raise ParamsError(f"params key 'distill.kdpl.ctx_init' '{ctx_init}' is {len(init_ids)} tokens, "
+                                  f"distill.kdpl.n_ctx is {n_ctx}: make them agree")
             with torch.no_grad():
                 ctx = model.token_embedding.weight[torch.tensor(init_ids)].detach().clone()
             self.prefix = ctx_init
@@ -283,7 +320,23 @@ class KDPLStudent(_FrozenClipStudent):
 
     @property
     def logit_scale(self) -> float:
-        return float(self.clip.logit_scale.detach().exp().clamp(max=100))
+        return clip_logit_scale(self.clip)
+
+    @classmethod
+    def from_params(cls, section, *, class_vectors, logit_scale, classes, clip, generator):
+        """From `distill.kdpl` (n_ctx, ctx_init, n_prompts, prompt_depth) over the smaller CLIP `clip`;
+        KDPL scores with its own text tower, so the teacher's class vectors are not kept."""
+        return cls(clip, classes, n_ctx=section.n_ctx, ctx_init=section.ctx_init, n_prompts=section.n_prompts,
+                   prompt_depth=section.prompt_depth, generator=generator)
+
+    def _config(self) -> dict:
+        return {"classnames": self.classnames, "n_ctx": self.n_ctx, "ctx_init": self.ctx_init,
+                "n_prompts": self.encoder.n_prompts, "prompt_depth": self.encoder.depth,
+                "context_length": self.tokenizer.context_length}
+
+    def set_classes(self, classes: list[str], class_vectors: torch.Tensor) -> None:
+        """Point the student at `classes` (base, novel, or back from the KDPL-CA dictionary)."""
+        self.set_classnames(classes)
 
     def set_classnames(self, names: list[str]) -> None:
         """Swap the class list (dataset classes, the KDPL-CA dictionary, novel classes)."""
@@ -292,7 +345,7 @@ class KDPLStudent(_FrozenClipStudent):
         prompts = [f"{self.prefix} {n.replace('_', ' ')}." for n in names]
         tokens = self.tokenizer(prompts)
         if tokens.shape[1] < self.n_ctx + 3:
-            raise ParamsError(f"params key 'distill.n_ctx' {self.n_ctx}: the small CLIP's context length "
+            raise ParamsError(f"params key 'distill.kdpl.n_ctx' {self.n_ctx}: the small CLIP's context length "
                               f"{tokens.shape[1]} leaves no room for {self.n_ctx} context tokens")
         # the context must survive tokenization at rows 1 .. n_ctx (CLIP's BPE is word by word)
         expected = torch.tensor(self.tokenizer.encode(self.prefix))
@@ -359,65 +412,3 @@ def load_classnames(path: str | Path = "") -> list[str]:
 def _stores_weights(spec: dict) -> bool:
     """Embedded CLIPs (and open_clip ones without pretrained weights) cannot be rebuilt from a name."""
     return not (spec["kind"] == "open_clip" and spec.get("pretrained"))
-
-
-def save_prompt_student(student: PromptKDStudent | KDPLStudent, path: str | Path) -> None:
-    """Store what rebuilds the student: the small CLIP's spec (its weights too when no name +
-    pretrained tag can restore them), the hyper-parameters and the trainable state."""
-    if student.spec is None:
-        raise ValueError("this student has no spec of its CLIP (build it from a ClipTeacher or pass spec=)")
-    blob = {"spec": student.spec, "image_size": student.image_size, "trainable": student.trainable_state()}
-    if isinstance(student, PromptKDStudent):
-        blob.update(kind="promptkd", n_prompts=student.n_prompts, depth=student.depth,
-                    logit_scale=student.logit_scale, class_vectors=student.class_vectors)
-        if _stores_weights(student.spec):
-            blob["visual"] = student.encoder.visual.state_dict()
-    elif isinstance(student, KDPLStudent):
-        blob.update(kind="kdpl", classnames=student.classnames, n_ctx=student.n_ctx, ctx_init=student.ctx_init,
-                    visual_prompts=student.encoder.n_prompts, visual_depth=student.encoder.depth,
-                    context_length=student.tokenizer.context_length)
-        if _stores_weights(student.spec):
-            blob["clip"] = student.clip.state_dict()
-    else:
-        raise TypeError(f"not a prompt student: {type(student).__name__}")
-    torch.save(blob, path)
-
-
-def load_prompt_student(path: str | Path, device: torch.device | str = "cpu") -> PromptKDStudent | KDPLStudent:
-    """Rebuild a student save_prompt_student wrote, in eval mode on `device`."""
-    path = Path(path)
-    return prompt_student_from_checkpoint(read_checkpoint(path, "student checkpoint", "distill", "kind"), path, device)
-
-
-def prompt_student_from_checkpoint(blob: dict, path: Path, device: torch.device | str = "cpu"):
-    """Rebuild a prompt student from the already-read checkpoint `blob` (read from `path`)."""
-    kind = blob["kind"]
-    if kind not in ("promptkd", "kdpl"):
-        raise PipelineError(f"student checkpoint {path} holds a '{kind}' student, not a prompt student")
-    try:
-        spec = blob["spec"]
-        if spec["kind"] == "open_clip":  # weights from the tag, or random then overwritten below
-            model = load_open_clip_teacher(spec["model"], spec["pretrained"]).model
-        else:
-            model = build_clip(spec["config"])
-        if kind == "promptkd":
-            if "visual" in blob:
-                model.visual.load_state_dict(blob["visual"])
-            student = PromptKDStudent(model, blob["class_vectors"], blob["logit_scale"], blob["n_prompts"],
-                                      blob["depth"], image_size=blob["image_size"], spec=spec)
-        else:
-            if "clip" in blob:
-                model.load_state_dict(blob["clip"])
-            student = KDPLStudent(model, blob["classnames"], n_ctx=blob["n_ctx"], ctx_init=blob["ctx_init"],
-                                  visual_prompts=blob["visual_prompts"], visual_depth=blob["visual_depth"],
-                                  image_size=blob["image_size"], context_length=blob["context_length"], spec=spec)
-        missing, unexpected = student.load_state_dict(blob["trainable"], strict=False)
-        missing = [k for k in missing if not k.startswith(student.frozen_prefixes)]
-        if missing or unexpected:
-            raise KeyError((missing + unexpected)[0])
-    except PipelineError:
-        raise
-    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-        raise PipelineError(f"student checkpoint {path} does not match its model: "
-                            f"{type(exc).__name__} {str(exc).splitlines()[0][:120]}") from None
-    return student.to(device).eval()

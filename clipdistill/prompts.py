@@ -223,16 +223,16 @@ class ContrastivePrompt:
     def __init__(self, params):
         self.template = params.style_template
         self.scale = params.random.scale
-        self.p = params.contrastive
+        self.contrastive = params.contrastive
         self.losses: list[list[float]] = []
 
     def generate(self, teacher, classes: list[str], per_class: int, generator: torch.Generator) -> PromptSet:
-        p = self.p
+        settings = self.contrastive  # prompts.contrastive.*
         enc = StyleTemplate(teacher, self.template, classes)
         device = enc.tokens.device
         with torch.no_grad():
             content = encode_with_pseudo_word(teacher.model,
-                                              teacher.tokenize([p.content_template.format(c) for c in classes]))
+                                              teacher.tokenize([settings.content_template.format(c) for c in classes]))
             mean, std = fit_gaussian(embedding_table(teacher.model))
         labels = balanced_labels(len(classes), per_class)
         n = len(labels)
@@ -244,16 +244,16 @@ class ContrastivePrompt:
         order = torch.randperm(n, generator=generator)
         labels_t = torch.tensor(labels)
         feats = torch.empty(n, content.shape[1])
-        bank = MemoryBank(p.bank_size, content.shape[1], device)
+        bank = MemoryBank(settings.bank_size, content.shape[1], device)
         self.losses = []
-        for batch in order.split(p.batch_size):
+        for batch in order.split(settings.batch_size):
             y = labels_t[batch].to(device)
             s = s_star[batch].to(device).requires_grad_(True)
-            opt = torch.optim.Adam([s], lr=p.lr)
+            opt = torch.optim.Adam([s], lr=settings.lr)
             history = []
-            for _ in range(p.steps):
-                loss = contrastive_prompt_loss(enc.encode(s, y), content[y], bank.features, p.temperature,
-                                               p.content_weight)
+            for _ in range(settings.steps):
+                loss = contrastive_prompt_loss(enc.encode(s, y), content[y], bank.features, settings.temperature,
+                                               settings.content_weight)
                 # Gradient for S* only: the teacher stays untouched even if its weights require grad.
                 (s.grad,) = torch.autograd.grad(loss, [s])
                 opt.step()
@@ -274,8 +274,6 @@ METHODS = {cls.name: cls for cls in (VanillaPrompt, MixPrompt, RandomPrompt, Con
 
 def build_method(params):
     """The method `prompts.method` names, configured from `prompts.*`."""
-    if params.method not in METHODS:
-        raise ValueError(f"unknown prompts.method '{params.method}'; choose one of {', '.join(METHODS)}")
     return METHODS[params.method](params)
 
 

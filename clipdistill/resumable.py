@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import sys
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .runtime import Dist
+from .runtime import Dist, load_weights, save_atomic
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 _NAME = "step_{:09d}.pt"
@@ -138,7 +137,7 @@ class Checkpoints:
         """The newest readable checkpoint, or None."""
         for path in reversed(self._files()):
             try:
-                return torch.load(path, map_location="cpu", weights_only=True)
+                return load_weights(path)
             except Exception as exc:  # truncated or corrupt: the previous file is the fallback
                 print(f"checkpoint {path} is unreadable ({type(exc).__name__}); trying the one before")
         return None
@@ -151,13 +150,7 @@ class Checkpoints:
         if not self.dist.main:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / _NAME.format(step)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        save_atomic(state, self.folder / _NAME.format(step), sync=True)
         for old in self._files()[:-self.keep]:
             old.unlink(missing_ok=True)
 

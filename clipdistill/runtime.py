@@ -68,6 +68,8 @@ def retain_freed_memory() -> bool:
 
 
 UNSAFE_LOAD_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+DEVICES = ("cpu", "cuda", "auto")     # `device`: the values setup_torch resolves
+PRECISIONS = ("auto", "fp32", "bf16")  # `precision`: the values resolve_precision maps to a dtype
 
 
 def setup_torch(device: str, threads: int, retain_memory: bool = True) -> torch.device:
@@ -117,18 +119,18 @@ class Dist:
     """This process's place in a torchrun launch: rank 0 of 1 when started plainly."""
 
     rank: int = 0
-    world: int = 1
+    processes: int = 1  # torchrun's WORLD_SIZE
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def barrier(self) -> None:
-        if self.world > 1:
+        if self.processes > 1:
             torch.distributed.barrier()
 
     def close(self) -> None:
-        if self.world > 1 and torch.distributed.is_initialized():
+        if self.processes > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
@@ -139,8 +141,8 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     world size 1 and touches nothing. The timeout is long because ranks wait for each other only
     at the end of a stage, after hours of synthesis on real models.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes == 1:
         return Dist(), device
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
@@ -149,7 +151,7 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                              timeout=timedelta(hours=12))
-    return Dist(rank, world), device
+    return Dist(rank, processes), device
 
 
 @contextlib.contextmanager
@@ -170,17 +172,35 @@ def atomic_dir(path: str | Path):
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path):
-    """Yield a temporary file path that replaces `path` only if the block succeeds."""
+def atomic_file(path: str | Path, sync: bool = False):
+    """Yield a temporary file path that replaces `path` only if the block succeeds.
+
+    `sync` flushes the file to disk before the rename (training checkpoints: a machine that dies
+    right after must not leave a renamed but empty file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         yield tmp
+        if sync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def save_atomic(obj, path: str | Path, sync: bool = False) -> None:
+    """torch.save `obj` to `path` through `atomic_file`: a kill mid-write leaves no truncated file."""
+    with atomic_file(path, sync) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_weights(path: str | Path):
+    """The one torch.load of files this project writes: weights-only (tensors and plain
+    containers; nothing in the file can run code), onto the CPU. Errors propagate."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -257,7 +277,7 @@ def read_checkpoint(path, what: str, stage: str, key: str) -> dict:
     if not path.is_file():
         raise PipelineError(f"{what} not found: {path} (run the {stage} stage)")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = load_weights(path)
     except Exception as exc:  # any unreadable or foreign file is one error to the user
         raise PipelineError(f"{what} {path} is unreadable: {type(exc).__name__}") from None
     if not isinstance(blob, dict) or key not in blob:

@@ -17,6 +17,8 @@ import torch
 import torchvision
 from PIL import Image
 
+from .runtime import load_weights, save_atomic
+
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
     """[(start, end), ...] covering range(n) in shards of `shard_size`."""
@@ -29,9 +31,7 @@ def shard_name(i: int) -> str:
 
 def save_shard(path: Path, images: torch.Tensor, **columns) -> None:
     """Atomically write uint8 images [n, 3, H, W] and per-image columns."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"images": images.contiguous(), **columns}, tmp)
-    os.replace(tmp, path)
+    save_atomic({"images": images.contiguous(), **columns}, path)
 
 
 def load_shard(path: Path) -> dict | None:
@@ -39,7 +39,7 @@ def load_shard(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights(path)
     except Exception:  # a shard killed mid-write is simply redone
         return None
 

@@ -1,12 +1,23 @@
-"""Student models, chosen by `distill.student`: a small ResNet whose head either projects into the
-teacher's embedding space (logits against the stored class vectors, as in PromptKD) or is a plain
-linear classifier.
+"""Students, chosen by `distill.student` from the STUDENTS registry: a small ResNet whose head
+either projects into the teacher's embedding space (logits against the stored class vectors, as
+in PromptKD) or is a plain linear classifier (`cnn`), and the prompt students (`promptkd`,
+`kdpl`, prompt_students.py).
+
+Every student class has the same small interface, so nothing else branches on its type:
+`kind`; `from_params(section, *, class_vectors, logit_scale, classes, clip, generator)`, which
+unpacks its own params section (`distill.<kind>`); `set_classes(classes, class_vectors)`;
+`checkpoint()` and `from_checkpoint(blob, path)`, which `save_student` / `load_student` call.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .prompt_students import KDPLStudent, PromptKDStudent
+from .runtime import PipelineError, read_checkpoint
 
 
 class BasicBlock(nn.Module):
@@ -66,15 +77,9 @@ class ResNet18Backbone(nn.Module):
         return self.net(x)
 
 
-BACKBONES = {"cifar_resnet": ResNetBackbone, "resnet18": ResNet18Backbone}
-
-
-def build_backbone(name: str, width: int, depth: int) -> nn.Module:
-    if name == "cifar_resnet":
-        return ResNetBackbone(width, depth)
-    if name == "resnet18":
-        return ResNet18Backbone()
-    raise ValueError(f"unknown distill.backbone '{name}'; choose one of {', '.join(BACKBONES)}")
+# `distill.cnn.backbone`: name -> builder(width, depth) (ResNet-18 has its own fixed layout)
+BACKBONES = {"cifar_resnet": ResNetBackbone, "resnet18": lambda width, depth: ResNet18Backbone()}
+HEADS = ("projection", "linear")  # `distill.cnn.head`
 
 
 class CnnStudent(nn.Module):
@@ -85,12 +90,14 @@ class CnnStudent(nn.Module):
     student classifies with the teacher's stored text features and any class list can be swapped in.
     """
 
+    kind = "cnn"
+
     def __init__(self, class_vectors: torch.Tensor, logit_scale: float, head: str = "projection",
                  width: int = 32, depth: int = 2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
                  backbone: str = "cifar_resnet"):
         super().__init__()
         self.backbone_name, self.width, self.depth = backbone, width, depth
-        self.backbone = build_backbone(backbone, width, depth)
+        self.backbone = BACKBONES[backbone](width, depth)
         n_cls, embed_dim = class_vectors.shape
         self.head_kind = head
         if head == "projection":
@@ -98,10 +105,8 @@ class CnnStudent(nn.Module):
             self.head = nn.Sequential(nn.Linear(self.backbone.out_dim, self.backbone.out_dim),
                                       nn.BatchNorm1d(self.backbone.out_dim), nn.ReLU(),
                                       nn.Linear(self.backbone.out_dim, embed_dim))
-        elif head == "linear":
+        else:  # linear
             self.head = nn.Linear(self.backbone.out_dim, n_cls)
-        else:
-            raise ValueError(f"unknown distill.head '{head}'; choose projection or linear")
         self.register_buffer("class_vectors", F.normalize(class_vectors.float(), dim=-1))
         self.logit_scale = logit_scale
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
@@ -114,66 +119,48 @@ class CnnStudent(nn.Module):
         return out
 
 
-def build_student(p, class_vectors: torch.Tensor, logit_scale: float, classes: list[str] | None = None,
-                  small_clip=None, generator: torch.Generator | None = None) -> nn.Module:
-    """The student `distill.student` names, from `distill.*` params.
+    @classmethod
+    def from_params(cls, section, *, class_vectors, logit_scale, classes, clip, generator):
+        """From `distill.cnn` (backbone, head, width, depth); trained from scratch, no CLIP."""
+        return cls(class_vectors, logit_scale, head=section.head, width=section.width, depth=section.depth,
+                   backbone=section.backbone)
 
-    cnn: a ResNet (class_vectors, logit_scale: the teacher's). promptkd / kdpl: prompt students
-    over `small_clip` (a ClipTeacher: the smaller pretrained CLIP), see prompt_students.py.
-    """
-    if p.student == "cnn":
-        return CnnStudent(class_vectors, logit_scale, head=p.head, width=p.width, depth=p.depth,
-                          backbone=p.backbone)
-    from .prompt_students import KDPLStudent, PromptKDStudent
+    def set_classes(self, classes: list[str], class_vectors: torch.Tensor) -> None:
+        """Score `classes` by their teacher class vectors [C', D] (projection head only)."""
+        self.class_vectors = F.normalize(class_vectors.float(), dim=-1).to(self.class_vectors.device)
 
-    if small_clip is None:
-        raise ValueError(f"distill.student {p.student} needs the smaller CLIP (student_clip stage)")
-    if p.student == "promptkd":
-        return PromptKDStudent(small_clip, class_vectors, logit_scale, p.n_prompts, p.prompt_depth,
-                               generator=generator)
-    if p.student == "kdpl":
-        return KDPLStudent(small_clip, classes, n_ctx=p.n_ctx, ctx_init=p.ctx_init, visual_prompts=p.visual_prompts,
-                           visual_depth=max(1, p.prompt_depth), generator=generator)
-    raise ValueError(f"unknown distill.student '{p.student}'")
+    def checkpoint(self) -> dict:
+        return {"config": {"head": self.head_kind, "backbone": self.backbone_name, "width": self.width,
+                           "depth": self.depth, "logit_scale": self.logit_scale,
+                           "class_vectors": self.class_vectors},
+                "state_dict": self.state_dict()}
+
+    @classmethod
+    def from_checkpoint(cls, blob: dict, path: Path) -> "CnnStudent":
+        try:
+            model = cls(**blob["config"])
+            model.load_state_dict(blob["state_dict"])
+        except Exception as exc:  # any mismatched file is one error to the user
+            raise PipelineError(f"student checkpoint {path} is unreadable or incompatible: "
+                                f"{type(exc).__name__}") from None
+        return model
 
 
-def set_classes(student: nn.Module, classes: list[str], class_vectors: torch.Tensor) -> None:
-    """Point any student at another class list (base or novel classes, or back from the KDPL-CA
-    dictionary): CNN and PromptKD students take the teacher's class vectors, KDPL its own names."""
-    if hasattr(student, "set_classnames"):
-        student.set_classnames(classes)
-    elif hasattr(student, "set_class_vectors"):
-        student.set_class_vectors(class_vectors)
-    else:
-        student.class_vectors = F.normalize(class_vectors.float(), dim=-1).to(student.class_vectors.device)
+# `distill.student`: name -> student class (its params section is `distill.<name>`)
+STUDENTS = {cls.kind: cls for cls in (CnnStudent, PromptKDStudent, KDPLStudent)}
 
 
 def save_student(student: nn.Module, path) -> None:
-    if not isinstance(student, CnnStudent):
-        from .prompt_students import save_prompt_student
-
-        return save_prompt_student(student, path)
-    torch.save({"kind": "cnn", "head": student.head_kind, "backbone": student.backbone_name,
-                "width": student.width, "depth": student.depth, "logit_scale": student.logit_scale,
-                "class_vectors": student.class_vectors, "state_dict": student.state_dict()}, path)
+    """Write any registered student: its `kind` and what its `checkpoint()` returns."""
+    torch.save({"kind": student.kind, **student.checkpoint()}, path)
 
 
-def load_student(path, device="cpu") -> nn.Module:
-    """Any student `save_student` wrote (its `kind` picks the loader), in eval mode on `device`."""
-    from pathlib import Path
-
-    from .runtime import PipelineError, read_checkpoint
-
+def load_student(path, device="cpu", kind: str | None = None) -> nn.Module:
+    """Any student `save_student` wrote (its `kind` picks the class), in eval mode on `device`;
+    `kind` insists on one."""
     path = Path(path)
     blob = read_checkpoint(path, "student checkpoint", "distill", "kind")
-    if blob["kind"] != "cnn":
-        from .prompt_students import prompt_student_from_checkpoint
-
-        return prompt_student_from_checkpoint(blob, path, device)
-    try:
-        model = CnnStudent(blob["class_vectors"], blob["logit_scale"], head=blob["head"], width=blob["width"],
-                           depth=blob["depth"], backbone=blob.get("backbone", "cifar_resnet"))
-        model.load_state_dict(blob["state_dict"])
-    except Exception as exc:  # any mismatched file is one error to the user
-        raise PipelineError(f"student checkpoint {path} is unreadable or incompatible: {type(exc).__name__}") from None
-    return model.to(device).eval()
+    if blob["kind"] not in STUDENTS or (kind is not None and blob["kind"] != kind):
+        want = kind or " | ".join(STUDENTS)
+        raise PipelineError(f"student checkpoint {path} holds a '{blob['kind']}' student, not {want}")
+    return STUDENTS[blob["kind"]].from_checkpoint(blob, path).to(device).eval()

@@ -67,12 +67,12 @@ def spherical_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def make_cutouts(images: torch.Tensor, cutn: int, cut_size: int, *, cut_pow: float = 1.0,
-                 min_frac: float = 0.5, augment: bool = True,
+                 min_cut: float = 0.5, augment: bool = True,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Random square crops of every image, resized to the teacher's input size.
 
     images: [B, 3, H, W] in [0, 1] -> [B, cutn, 3, cut_size, cut_size] in [0, 1]. Crop side =
-    rand**cut_pow * (max - min) + min with max = min(H, W) and min = min_frac * max (the
+    rand**cut_pow * (max - min) + min with max = min(H, W) and min = min_cut * max (the
     reference formula). Crops are one affine `grid_sample`, so all B*cutn crops cost one call;
     with `augment`, each crop also gets a random flip, a rotation of up to 15 degrees and
     Gaussian noise of random strength up to 0.1 (the reference implementations' augmentations).
@@ -85,7 +85,7 @@ def make_cutouts(images: torch.Tensor, cutn: int, cut_size: int, *, cut_pow: flo
         return torch.rand(*shape, generator=generator).to(dev)
 
     side = min(h, w)
-    size = rand(n).pow(cut_pow) * (1 - min_frac) * side + min_frac * side  # pixels
+    size = rand(n).pow(cut_pow) * (1 - min_cut) * side + min_cut * side  # pixels
     # Offsets keep the crop inside the image; in grid_sample's [-1, 1] coordinates.
     sx, sy = size / w, size / h
     cx = (rand(n) * 2 - 1) * (1 - sx)
@@ -144,7 +144,7 @@ def synthesize_batch(vqgan, teacher, targets: torch.Tensor, *, steps: int, lr: f
     for _ in range(steps):
         with autocast(z.device, amp_dtype):
             x = decode_latents(vqgan, z)
-            cuts = make_cutouts(x, cutn, teacher.image_size, cut_pow=cut_pow, min_frac=min_cut,
+            cuts = make_cutouts(x, cutn, teacher.image_size, cut_pow=cut_pow, min_cut=min_cut,
                                 augment=augment, generator=generator)
             feats = teacher.encode_image(cuts.flatten(0, 1)).view(b, cutn, -1)
         # Sum over images (each latent only sees its own term), mean over cutouts.
@@ -156,3 +156,38 @@ def synthesize_batch(vqgan, teacher, targets: torch.Tensor, *, steps: int, lr: f
             z.copy_(torch.maximum(torch.minimum(z, z_max), z_min))
     with torch.no_grad(), autocast(z.device, amp_dtype):
         return decode_latents(vqgan, z).detach().float()
+
+
+def image_seed(seed: int, prompt_id: int) -> int:
+    """Each image's latent init depends only on (seed, prompt id), not on batching or ranks."""
+    return seed * 1_000_003 + prompt_id
+
+
+def synthesize_shard(vqgan, teacher, targets: torch.Tensor, class_vectors: torch.Tensor, labels: torch.Tensor,
+                     start: int, end: int, *, seed: int, batch_size: int, latent_hw: tuple[int, int],
+                     progress=None, **optimise) -> dict:
+    """Images for prompts start..end-1 (one shard), in batches of `batch_size` prompts.
+
+    targets [N, D] (all prompts' text features) and labels [N] (their class index) on the
+    device; class_vectors [C, D] score the teacher's confidence in each image's class.
+    `optimise`: synthesize_batch's steps, lr, cutn, cut_pow, min_cut, augment, amp_dtype.
+    Every latent init and every batch's cutout draws depend only on `seed` and the prompt ids,
+    so any split of the shards over processes writes the same images. Returns the shard's
+    columns: uint8 images [n, 3, H, W], prompt_ids, seeds, confidence (CPU tensors).
+    """
+    images, confidence = [], []
+    for b0 in range(start, end, batch_size):
+        ids = list(range(b0, min(b0 + batch_size, end)))
+        inits = [torch.Generator().manual_seed(image_seed(seed, j)) for j in ids]
+        step_gen = torch.Generator().manual_seed(image_seed(seed, b0) ^ 0x5EED)
+        x = synthesize_batch(vqgan, teacher, targets[ids], latent_hw=latent_hw, init_generators=inits,
+                             generator=step_gen, **optimise)
+        with torch.no_grad():
+            probs = teacher.logits(x, class_vectors).softmax(-1)
+        confidence.append(probs.gather(1, labels[ids][:, None]).squeeze(1).cpu())
+        images.append(x.mul(255).round().to(torch.uint8).cpu())
+        if progress is not None:
+            progress.update(len(ids))
+    return {"images": torch.cat(images), "prompt_ids": torch.arange(start, end),
+            "seeds": torch.tensor([image_seed(seed, j) for j in range(start, end)]),
+            "confidence": torch.cat(confidence)}

@@ -10,20 +10,25 @@ BatchNorm statistics are per rank on CPU (gloo); on CUDA BatchNorm layers become
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .augment import student_augment
 from .resumable import Checkpoints, EpochOrder, TrainableState, run_steps
 from .runtime import Dist, PipelineError, autocast
+from .schedules import cosine_lr
 
 
-def cosine_lr(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def _adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def _sgd(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD with momentum 0.9: how CoOp, KDPL and PromptKD train prompts."""
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+OPTIMIZERS = {"adamw": _adamw, "sgd": _sgd}  # `distill.optimizer`
 
 
 def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss_fn, *, temperature: float,
@@ -43,21 +48,16 @@ def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss
     """
     student.to(device).train()
     model = student
-    if dist.world > 1:
-        if batch_size % dist.world:
-            raise PipelineError(f"distill.batch_size {batch_size} is not divisible by the {dist.world} processes")
+    if dist.processes > 1:
+        if batch_size % dist.processes:
+            raise PipelineError(f"distill.batch_size {batch_size} is not divisible by the {dist.processes} processes")
         if device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    per_rank = batch_size // dist.world
+    per_rank = batch_size // dist.processes
     mine = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
     params = [p for p in student.parameters() if p.requires_grad]
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    elif optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {optimizer!r} (adamw | sgd)")
+    opt = OPTIMIZERS[optimizer](params, lr=lr, weight_decay=weight_decay)
     batches = EpochOrder(images.shape[0], batch_size, generator)
     total = epochs * batches.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, batches.steps_per_epoch))
@@ -92,10 +92,10 @@ def epoch_losses(losses: list[float], epochs: int) -> list[float]:
 
 
 def _rank_mean(value: torch.Tensor, dist: Dist) -> float:
-    if dist.world > 1:
+    if dist.processes > 1:
         value = value.clone()
         torch.distributed.all_reduce(value)
-        value /= dist.world
+        value /= dist.processes
     return value.item()
 
 

@@ -11,7 +11,6 @@ import contextlib
 import io
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .resumable import Checkpoints, TensorState, run_steps
-from .runtime import PipelineError
+from .runtime import PipelineError, load_weights, save_atomic
 
 # Only the building blocks: taming.models.vqgan pulls in pytorch-lightning APIs that no longer exist.
 from taming.modules.diffusionmodules.model import Decoder, Encoder
@@ -40,6 +39,8 @@ __all__ = [
 _GROUPNORM_GROUPS = 32  # taming's Normalize() is GroupNorm(32, C)
 # VQGANConfig fields that describe the quantizer; every other field is a taming ddconfig key.
 _QUANTIZER_FIELDS = ("embed_dim", "n_embed", "beta", "quantizer", "kl_weight")
+# `generator.source`: train this VQGAN here (embedded) or read an official taming release (taming_release.py)
+SOURCES = ("embedded", "taming")
 
 
 @dataclass
@@ -236,6 +237,13 @@ class VQGAN(nn.Module):
         return self.decode(zq), qloss
 
 
+def embedded_vqgan_config(section, image_size: int) -> VQGANConfig:
+    """The VQGAN a `generator` params section (source embedded) describes, at `image_size`."""
+    return VQGANConfig(embed_dim=section.embed_dim, n_embed=section.n_embed, z_channels=section.embed_dim,
+                       resolution=image_size, ch=section.ch, ch_mult=tuple(section.ch_mult),
+                       num_res_blocks=section.num_res_blocks)
+
+
 def _validate_config(cfg: VQGANConfig) -> None:
     if cfg.quantizer not in _QUANTIZERS:
         raise ValueError(f"VQGANConfig: quantizer {cfg.quantizer!r} is not one of {sorted(_QUANTIZERS)}")
@@ -421,15 +429,7 @@ def save_checkpoint(model: VQGAN, cfg: VQGANConfig, path: str | os.PathLike) -> 
         "config": asdict(cfg),
     }
     # a crash mid-write must never leave a truncated file that DVC would then cache as the stage output
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    save_atomic(payload, path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> VQGAN:
@@ -443,7 +443,7 @@ def load_checkpoint(path: str | os.PathLike) -> VQGAN:
         raise MissingCheckpointError(f"VQGAN checkpoint {path} does not exist (the generator stage writes it)")
     try:
         # our own format holds only tensors and plain containers, so the safe loader suffices
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_weights(path)
     except Exception as exc:
         raise CheckpointError(f"VQGAN checkpoint {path} is unreadable or corrupt: {_one_line(exc)}") from exc
     if not isinstance(payload, dict) or "state_dict" not in payload or "config" not in payload:

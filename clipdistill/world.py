@@ -22,6 +22,8 @@ CLASSES: tuple[str, ...] = ("circle", "triangle", "square", "star", "heart", "cr
 EVAL_DOMAINS: tuple[str, ...] = ("photo", "painting", "cartoon", "sketch")
 TRAIN_ONLY_STYLES: tuple[str, ...] = ("neon", "silhouette", "mosaic", "chalk")
 STYLES: tuple[str, ...] = EVAL_DOMAINS + TRAIN_ONLY_STYLES
+# `world.source`: render this world (embedded) or read a PACS-style <root>/<domain>/<class>/ folder
+SOURCES: tuple[str, ...] = ("embedded", "folder")
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 

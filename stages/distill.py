@@ -7,7 +7,8 @@ its own text tower; teacher logits at the student's logit scale; distill.class_a
 distill.images: synthetic (data-free, the default) | world (the world's train images, labels
 discarded) | a folder of unlabeled images.
 With distill.base_to_novel, a second student trains on the first half of the classes only
-(student_b2n.pt) for the base-to-novel evaluation.
+(student_b2n.pt) for the base-to-novel evaluation. Each student's own keys are under
+distill.<student> (distill.cnn, distill.promptkd, distill.kdpl).
 Under torchrun (`torchrun --nproc_per_node N stages/distill.py ...`) the student trains with
 DistributedDataParallel, distill.batch_size being the global batch; rank 0 writes the output.
 Training saves its state every distill.checkpoint_every steps in artifacts/.student.work/<key>/
@@ -23,15 +24,15 @@ from dataclasses import asdict
 
 import torch
 
-from clipdistill.clip_models import load_teacher
+from clipdistill.clip_models import load_clip
 from clipdistill.data import load_shards, load_unlabeled_folder
 from clipdistill.losses import get_loss
 from clipdistill.params import load_params
-from clipdistill.resumable import Checkpoints
 from clipdistill.prompt_students import class_agnostic_logits, load_classnames
+from clipdistill.resumable import Checkpoints
 from clipdistill.runtime import (Dist, PipelineError, atomic_dir, channels_last, init_distributed, resolve_precision,
                                  run_stage, seed_everything, setup_torch, stage_args, write_json)
-from clipdistill.students import build_student, save_student, set_classes
+from clipdistill.students import STUDENTS, save_student
 from clipdistill.text import class_vectors as text_class_vectors
 from clipdistill.text import load_class_vectors
 from clipdistill.training import distill, epoch_losses
@@ -40,90 +41,95 @@ from clipdistill.training import distill, epoch_losses
 DICTIONARY_TEMPLATES = ["a photo of a {}."]
 
 
-def training_images(p, args) -> tuple[torch.Tensor, torch.Tensor]:
+def training_images(params, args) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 images [N, 3, S, S], class index per image or -1). The index only selects the base
     classes' images for base-to-novel; training itself never reads it."""
-    d = p.distill
-    if d.images == "synthetic":
+    if params.distill.images == "synthetic":
         images, index = load_shards(args.synth)
         return images, torch.tensor(index["label"].to_numpy())
-    root = Path(args.world) / "train" if d.images == "world" else Path(d.images)
-    return load_unlabeled_folder(root, list(p.world.classes), p.world.image_size)
+    root = Path(args.world) / "train" if params.distill.images == "world" else Path(params.distill.images)
+    return load_unlabeled_folder(root, list(params.world.classes), params.world.image_size)
 
 
-def train_student(p, classes, vectors, images, teacher, small_clip, gen, device, checkpoints: Checkpoints,
-                  dist: Dist = Dist()):
+def train_student(params, classes, vectors, images, teacher, small_clip, generator, device,
+                  checkpoints: Checkpoints, dist: Dist = Dist()):
     """One student over `classes` (teacher class vectors `vectors` [C, D]) on `images`; returns
     (student on CPU, per-step losses)."""
-    d = p.distill
-    student = build_student(d, vectors.cpu(), teacher.logit_scale, classes, small_clip, gen)
+    kind = params.distill.student
+    student = STUDENTS[kind].from_params(getattr(params.distill, kind), class_vectors=vectors.cpu(),
+                                         logit_scale=teacher.logit_scale, classes=classes, clip=small_clip,
+                                         generator=generator)
     channels_last(student.to(device), device)
-    step = None
-    if d.student == "kdpl":
+    student_step = None
+    if kind == "kdpl":
         # KDPL: teacher logits at the student's logit scale (100 for pretrained CLIPs).
         target = vectors
-        if d.class_agnostic:
-            names = load_classnames(d.classnames_file)
+        if params.distill.kdpl.class_agnostic:
+            names = load_classnames(params.distill.kdpl.classnames_file)
+            if params.distill.kdpl.topk > len(names):
+                raise PipelineError(f"distill.kdpl.topk is {params.distill.kdpl.topk}, more than the {len(names)} "
+                                    f"names of the class-name dictionary "
+                                    f"{params.distill.kdpl.classnames_file or 'clipdistill/assets/classnames.txt'}")
             target = text_class_vectors(teacher, names, DICTIONARY_TEMPLATES).to(device)
             student.set_classnames(names)
-            if d.topk > len(names):
-                raise PipelineError(f"distill.topk is {d.topk}, more than the {len(names)} names of the class-name "
-                                    f"dictionary {d.classnames_file or 'clipdistill/assets/classnames.txt'}")
-            k = d.topk
-            step = lambda model, x, t: class_agnostic_logits(model, x, t, k)[:2]  # noqa: E731
+            topk = params.distill.kdpl.topk
+            student_step = lambda model, x, t: class_agnostic_logits(model, x, t, topk)[:2]  # noqa: E731
         teacher_logits = lambda x: student.logit_scale * teacher.encode_image(x) @ target.t()  # noqa: E731
     else:
         teacher_logits = lambda x: teacher.logits(x, vectors)  # noqa: E731
-    losses = distill(student, teacher_logits, images, get_loss(d.loss, d.kd_weight), temperature=d.temperature,
-                     epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay,
-                     augment=d.augment, optimizer=d.optimizer, generator=gen, device=device, student_step=step,
-                     amp_dtype=resolve_precision(p.precision, device), dist=dist, checkpoints=checkpoints)
-    set_classes(student, classes, vectors.cpu())  # KDPL-CA: back from the dictionary to the task's classes
+    losses = distill(student, teacher_logits, images, get_loss(params.distill.loss, params.distill.kd_weight),
+                     temperature=params.distill.temperature, epochs=params.distill.epochs,
+                     batch_size=params.distill.batch_size, lr=params.distill.lr,
+                     weight_decay=params.distill.weight_decay, augment=params.distill.augment,
+                     optimizer=params.distill.optimizer, generator=generator, device=device,
+                     student_step=student_step, amp_dtype=resolve_precision(params.precision, device), dist=dist,
+                     checkpoints=checkpoints)
+    student.set_classes(classes, vectors.cpu())  # KDPL-CA: back from the dictionary to the task's classes
     return student.cpu(), losses
 
 
 def main():
     args = stage_args(__doc__, "synth", "world", "teacher", "student_clip", "text_features", "out")
-    p = load_params(args.params)
-    d = p.distill
-    dist, device = init_distributed(setup_torch(p.device, p.threads))
-    gen = seed_everything(p.seed)
-    images, labels = training_images(p, args)
-    teacher = load_teacher(args.teacher, device)
-    small_clip = load_teacher(args.student_clip, device) if d.student != "cnn" else None
-    cv = load_class_vectors(args.text_features)
-    classes, vectors = list(cv["classes"]), cv["features"].to(device)
+    params = load_params(args.params)
+    dist, device = init_distributed(setup_torch(params.device, params.threads))
+    generator = seed_everything(params.seed)
+    images, labels = training_images(params, args)
+    teacher = load_clip(args.teacher, device)
+    small_clip = load_clip(args.student_clip, device) if params.distill.student != "cnn" else None
+    stored = load_class_vectors(args.text_features)
+    classes, vectors = list(stored["classes"]), stored["features"].to(device)
     inputs = [args.teacher, args.text_features, args.student_clip]
-    inputs += [args.synth] if d.images == "synthetic" else [Path(args.world) / "train" if d.images == "world"
-                                                            else d.images]
+    inputs += [args.synth] if params.distill.images == "synthetic" else [
+        Path(args.world) / "train" if params.distill.images == "world" else params.distill.images]
     checkpoints = Checkpoints.for_stage(
-        args.out, {"distill": asdict(d), "seed": p.seed, "threads": p.threads, "device": p.device,
-                   "precision": p.precision, "world_size": dist.world}, inputs, d.checkpoint_every, dist)
-    student, losses = train_student(p, classes, vectors, images, teacher, small_clip, gen, device,
+        args.out, {"distill": asdict(params.distill), "seed": params.seed, "threads": params.threads,
+                   "device": params.device, "precision": params.precision, "processes": dist.processes},
+        inputs, params.distill.checkpoint_every, dist)
+    student, losses = train_student(params, classes, vectors, images, teacher, small_clip, generator, device,
                                     checkpoints.sub("student"), dist)
-    history = [{"epoch": e, "loss": loss} for e, loss in enumerate(epoch_losses(losses, d.epochs))]
-    b2n = None
-    if d.base_to_novel:
+    history = [{"epoch": e, "loss": loss} for e, loss in enumerate(epoch_losses(losses, params.distill.epochs))]
+    base_student = None
+    if params.distill.base_to_novel:
         n_base = len(classes) // 2
         if n_base < 1:
             raise PipelineError("distill.base_to_novel needs at least 2 classes")
         keep = (labels >= 0) & (labels < n_base)
-        if keep.sum() < d.batch_size:
+        if keep.sum() < params.distill.batch_size:
             raise PipelineError(f"distill.base_to_novel: only {int(keep.sum())} training images belong to the base "
                                 f"classes {classes[:n_base]} (a folder must be <root>/<domain>/<class>/*)")
-        b2n, _ = train_student(p, classes[:n_base], vectors[:n_base], images[keep], teacher, small_clip, gen,
-                               device, checkpoints.sub("student_b2n"), dist)
+        base_student, _ = train_student(params, classes[:n_base], vectors[:n_base], images[keep], teacher,
+                                        small_clip, generator, device, checkpoints.sub("student_b2n"), dist)
     dist.close()
     if not dist.main:
         return
     with atomic_dir(args.out) as tmp:
         save_student(student, tmp / "student.pt")
-        if b2n is not None:
-            save_student(b2n, tmp / "student_b2n.pt")
+        if base_student is not None:
+            save_student(base_student, tmp / "student_b2n.pt")
         write_json(tmp / "history.json", history)
     checkpoints.clear()
-    print(f"distill: {d.student} student, {len(history) and history[-1]['epoch'] + 1} epochs on {images.shape[0]} "
-          f"{d.images} images, final loss {history[-1]['loss']:.4f}")
+    print(f"distill: {params.distill.student} student, {len(history) and history[-1]['epoch'] + 1} epochs on "
+          f"{images.shape[0]} {params.distill.images} images, final loss {history[-1]['loss']:.4f}")
 
 
 if __name__ == "__main__":

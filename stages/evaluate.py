@@ -17,13 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd
 import torch
 
-from clipdistill.clip_models import load_teacher
+from clipdistill.clip_models import load_clip
 from clipdistill.data import load_domain_folder, world_test_root
 from clipdistill.evaluation import (count_parameters, domain_accuracies, gflops_per_image, harmonic_mean,
                                     images_per_second, pooled_accuracy, with_autocast)
 from clipdistill.params import load_params
 from clipdistill.runtime import atomic_dir, channels_last, resolve_precision, run_stage, setup_torch, stage_args, write_json
-from clipdistill.students import load_student, set_classes
+from clipdistill.students import load_student
 from clipdistill.text import class_vectors, load_class_vectors
 
 
@@ -33,7 +33,7 @@ def base_to_novel(student, classes, vectors, data, batch_size, device, amp) -> d
     n_base = len(classes) // 2
     out = {}
     for split, keep in (("base", list(range(n_base))), ("novel", list(range(n_base, len(classes))))):
-        set_classes(student, [classes[i] for i in keep], vectors[keep].cpu())
+        student.set_classes([classes[i] for i in keep], vectors[keep].cpu())
         student.to(device)
         out[split] = round(pooled_accuracy(with_autocast(student, device, amp), data, keep, batch_size, device), 4)
     out["hm"] = round(harmonic_mean(out["base"], out["novel"]), 4)
@@ -42,35 +42,35 @@ def base_to_novel(student, classes, vectors, data, batch_size, device, amp) -> d
 
 def main():
     args = stage_args(__doc__, "world", "teacher", "student_clip", "text_features", "student", "out")
-    p = load_params(args.params)
-    device = setup_torch(p.device, p.threads)
-    amp = resolve_precision(p.precision, device)
-    teacher = load_teacher(args.teacher, device)
+    params = load_params(args.params)
+    device = setup_torch(params.device, params.threads)
+    amp = resolve_precision(params.precision, device)
+    teacher = load_clip(args.teacher, device)
     vectors = load_class_vectors(args.text_features)["features"].to(device)
     student = channels_last(load_student(Path(args.student) / "student.pt", device), device)
-    classes = list(p.world.classes)
+    classes = list(params.world.classes)
     # The smaller CLIP the prompt students start from, scored zero-shot: the row they must beat.
-    small_clip = load_teacher(args.student_clip, device)
-    small_vectors = class_vectors(small_clip, classes, p.text_features.templates).to(device)
+    small_clip = load_clip(args.student_clip, device)
+    small_vectors = class_vectors(small_clip, classes, params.text_features.templates).to(device)
 
     teacher_logits = with_autocast(lambda x: teacher.logits(x, vectors), device, amp)
     student_logits = with_autocast(student, device, amp)
     zero_shot_logits = with_autocast(lambda x: small_clip.logits(x, small_vectors), device, amp)
 
-    datasets = {"world": (world_test_root(p, args.world), p.world.eval_domains)}
-    datasets.update({d.name: (Path(d.path), None) for d in p.eval.datasets})
+    datasets = {"world": (world_test_root(params, args.world), params.world.eval_domains)}
+    datasets.update({dataset.name: (Path(dataset.path), None) for dataset in params.eval.datasets})
     metrics, rows, confusion = {}, [], None
     for name, (root, domains) in datasets.items():
-        data = load_domain_folder(root, classes, p.world.image_size, domains)
-        t_acc, _ = domain_accuracies(teacher_logits, data, p.eval.batch_size, device)
-        s_acc, s_pred = domain_accuracies(student_logits, data, p.eval.batch_size, device)
+        data = load_domain_folder(root, classes, params.world.image_size, domains)
+        t_acc, _ = domain_accuracies(teacher_logits, data, params.eval.batch_size, device)
+        s_acc, s_pred = domain_accuracies(student_logits, data, params.eval.batch_size, device)
         entry = {"teacher": t_acc, "student": s_acc}
-        entry["student_zero_shot"] = domain_accuracies(zero_shot_logits, data, p.eval.batch_size, device)[0]
+        entry["student_zero_shot"] = domain_accuracies(zero_shot_logits, data, params.eval.batch_size, device)[0]
         if name == "world":
             metrics.update(entry)
             if (Path(args.student) / "student_b2n.pt").is_file():
                 metrics["base_to_novel"] = base_to_novel(load_student(Path(args.student) / "student_b2n.pt", device),
-                                                         classes, vectors, data, p.eval.batch_size, device, amp)
+                                                         classes, vectors, data, params.eval.batch_size, device, amp)
             confusion = pd.concat([pd.DataFrame({"actual": [classes[i] for i in data[dom][1].tolist()],
                                                  "predicted": [classes[i] for i in s_pred[dom].tolist()]})
                                    for dom in data])
@@ -80,14 +80,16 @@ def main():
             rows += [{"label": f"{name}/{model}/{dom}", "dataset": name, "model": model, "domain": dom,
                       "accuracy": a} for dom, a in acc.items()]
 
-    size = p.world.image_size
-    bs = p.eval.speed_batch
-    speed = {"device": str(device), "precision": str(amp or torch.float32).replace("torch.", ""), "batch": bs,
+    size = params.world.image_size
+    batch = params.eval.speed_batch
+    speed = {"device": str(device), "precision": str(amp or torch.float32).replace("torch.", ""), "batch": batch,
              "image_size": size}
-    for model, fn, params in (("teacher", teacher.encode_image, count_parameters(teacher.model.visual)),
-                              ("student", student, count_parameters(student))):
-        speed[model] = {"parameters": params, "gflops_per_image": round(gflops_per_image(fn, size, device), 4),
-                        "images_per_s": round(images_per_second(with_autocast(fn, device, amp), size, device, batch=bs), 1)}
+    for model, fn, n_parameters in (("teacher", teacher.encode_image, count_parameters(teacher.model.visual)),
+                                    ("student", student, count_parameters(student))):
+        speed[model] = {"parameters": n_parameters,
+                        "gflops_per_image": round(gflops_per_image(fn, size, device), 4),
+                        "images_per_s": round(images_per_second(with_autocast(fn, device, amp), size, device,
+                                                                batch=batch), 1)}
     speed["student_speedup"] = round(speed["student"]["images_per_s"] / speed["teacher"]["images_per_s"], 2)
     with atomic_dir(args.out) as tmp:
         write_json(tmp / "metrics.json", metrics)

@@ -19,35 +19,36 @@ from clipdistill.params import load_params
 from clipdistill.resumable import Checkpoints
 from clipdistill.runtime import atomic_dir, run_stage, seed_everything, setup_torch, stage_args, write_json
 from clipdistill.taming_release import load_taming_checkpoint
-from clipdistill.vqgan import VQGAN, VQGANConfig, reconstruction_psnr, save_checkpoint, train_vqgan
+from clipdistill.vqgan import VQGAN, embedded_vqgan_config, reconstruction_psnr, save_checkpoint, train_vqgan
 
 PSNR_IMAGES = 256
 
 
 def main():
     args = stage_args(__doc__, "world", "out")
-    p = load_params(args.params)
-    g = p.generator
-    device = setup_torch(p.device, p.threads)
-    seed_everything(p.seed)
-    size = p.world.image_size
-    if g.source == "embedded":
-        cfg = VQGANConfig(embed_dim=g.embed_dim, n_embed=g.n_embed, z_channels=g.embed_dim, resolution=size,
-                          ch=g.ch, ch_mult=tuple(g.ch_mult), num_res_blocks=g.num_res_blocks)
+    params = load_params(args.params)
+    device = setup_torch(params.device, params.threads)
+    seed_everything(params.seed)
+    size = params.world.image_size
+    if params.generator.source == "embedded":
+        cfg = embedded_vqgan_config(params.generator, size)
         model = VQGAN(cfg).to(device)
         world_train = Path(args.world) / "train"
         images, _, _ = load_captioned_split(world_train, size)
         checkpoints = Checkpoints.for_stage(
-            args.out, {"generator": asdict(g), "seed": p.seed, "threads": p.threads, "device": p.device,
-                       "image_size": size}, [world_train], g.checkpoint_every)
-        losses = train_vqgan(model, images.to(device), steps=g.steps, batch_size=g.batch_size, lr=g.lr, seed=p.seed,
+            args.out, {"generator": asdict(params.generator), "seed": params.seed, "threads": params.threads,
+                       "device": params.device, "image_size": size}, [world_train], params.generator.checkpoint_every)
+        losses = train_vqgan(model, images.to(device), steps=params.generator.steps,
+                             batch_size=params.generator.batch_size, lr=params.generator.lr, seed=params.seed,
                              checkpoints=checkpoints)
         summary = {"source": "embedded", "final_loss": sum(losses[-50:]) / len(losses[-50:])}
     else:
-        model = load_taming_checkpoint(g.taming_config, g.taming_checkpoint).to(device)
+        model = load_taming_checkpoint(params.generator.taming_config, params.generator.taming_checkpoint).to(device)
         cfg = model.cfg
-        summary = {"source": "taming", "config": g.taming_config, "checkpoint": g.taming_checkpoint}
-    test = load_domain_folder(world_test_root(p, args.world), list(p.world.classes), size, p.world.eval_domains)
+        summary = {"source": "taming", "config": params.generator.taming_config,
+                   "checkpoint": params.generator.taming_checkpoint}
+    test = load_domain_folder(world_test_root(params, args.world), list(params.world.classes), size,
+                              params.world.eval_domains)
     # At most PSNR_IMAGES evenly spaced images per domain: a real dataset has thousands.
     test = {dom: imgs[::max(1, len(imgs) // PSNR_IMAGES)][:PSNR_IMAGES] for dom, (imgs, _) in test.items()}
     batch = max(1, 256 * 32 * 32 // (size * size))  # 256 images at 32 px, 5 at 224 px
@@ -58,7 +59,7 @@ def main():
     with atomic_dir(args.out) as tmp:
         save_checkpoint(model.cpu(), cfg, tmp / "vqgan.pt")
         write_json(tmp / "metrics.json", summary)
-    if g.source == "embedded":
+    if params.generator.source == "embedded":
         checkpoints.clear()
     print(f"generator: reconstruction PSNR {psnr} dB")
 

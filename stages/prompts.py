@@ -5,7 +5,7 @@ from pathlib import Path
 # This checkout's package first: an editable install of another clone must not run in its place.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clipdistill.clip_models import load_teacher
+from clipdistill.clip_models import load_clip
 from clipdistill.diversity import diversity_report
 from clipdistill.params import load_params
 from clipdistill.prompts import build_method, save_prompts
@@ -14,17 +14,17 @@ from clipdistill.runtime import atomic_dir, run_stage, seed_everything, setup_to
 
 def main():
     args = stage_args(__doc__, "teacher", "out")
-    p = load_params(args.params)
-    device = setup_torch(p.device, p.threads)
-    gen = seed_everything(p.seed)
-    method = build_method(p.prompts)  # before loading the teacher: a bad style dictionary fails first
-    teacher = load_teacher(args.teacher, device)
-    prompts = method.generate(teacher, p.world.classes, p.prompts.per_class, gen)
-    diversity = diversity_report(prompts.features, prompts.labels, p.world.classes)
+    params = load_params(args.params)
+    device = setup_torch(params.device, params.threads)
+    gen = seed_everything(params.seed)
+    method = build_method(params.prompts)  # before loading the teacher: a bad style dictionary fails first
+    teacher = load_clip(args.teacher, device)
+    prompts = method.generate(teacher, params.world.classes, params.prompts.per_class, gen)
+    diversity = diversity_report(prompts.features, prompts.labels, params.world.classes)
     with atomic_dir(args.out) as tmp:
         save_prompts(prompts, tmp)
         write_json(tmp / "metrics.json", {"prompt_diversity": diversity})
-    print(f"prompts: {len(prompts.texts)} {prompts.method} prompts for {len(p.world.classes)} classes, "
+    print(f"prompts: {len(prompts.texts)} {prompts.method} prompts for {len(params.world.classes)} classes, "
           f"mean pairwise cosine distance {diversity['mean']:.4f}")
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from clipdistill.clip_models import fold_batchnorm, load_teacher
+from clipdistill.clip_models import fold_batchnorm, load_clip
 from clipdistill.diversity import diversity_report
 from clipdistill.params import load_params
 from clipdistill.prompts import load_prompts
@@ -27,92 +27,80 @@ from clipdistill.runtime import (atomic_dir, channels_last, init_distributed, re
                                  stage_args, write_json)
 from clipdistill.resumable import remove_work_dir, work_dir, work_key
 from clipdistill.shards import finalize, load_shard, preview_grid, save_shard, shard_name, shard_ranges
-from clipdistill.synthesis import synthesize_batch
+from clipdistill.synthesis import synthesize_shard
 from clipdistill.text import load_class_vectors
 from clipdistill.vqgan import load_checkpoint as load_vqgan
 
 
-def image_seed(seed: int, prompt_id: int) -> int:
-    """Each image's latent init depends only on (seed, prompt id), not on batching or ranks."""
-    return seed * 1_000_003 + prompt_id
+def index_rows(work: Path, ranges: list[tuple[int, int]], table: pd.DataFrame) -> tuple[list[dict], torch.Tensor]:
+    """index.csv's rows and all images (uint8 [N, 3, H, W]) from the finished shards."""
+    rows, images = [], []
+    for i, _ in enumerate(ranges):
+        shard = load_shard(work / shard_name(i))
+        images.append(shard["images"])
+        for r, pid in enumerate(shard["prompt_ids"].tolist()):
+            rows.append({"shard": shard_name(i), "row": r, "prompt_id": pid, "class": table["class"][pid],
+                         "label": int(table["label"][pid]), "prompt": table["text"][pid],
+                         "description": table["description"][pid], "seed": int(shard["seeds"][r]),
+                         "teacher_confidence": round(float(shard["confidence"][r]), 6)})
+    return rows, torch.cat(images)
 
 
 def main():
     args = stage_args(__doc__, "prompts", "generator", "teacher", "text_features", "out")
-    p = load_params(args.params)
-    s = p.synthesize
-    dist, device = init_distributed(setup_torch(p.device, p.threads))
-    amp = resolve_precision(p.precision, device)
+    params = load_params(args.params)
+    dist, device = init_distributed(setup_torch(params.device, params.threads))
     table, targets = load_prompts(args.prompts)
-    teacher = fold_batchnorm(load_teacher(args.teacher, device))  # frozen: BN folded into its convs
-    vqgan = channels_last(load_vqgan(Path(args.generator) / "vqgan.pt").to(device).eval().requires_grad_(False), device)
-    cv = load_class_vectors(args.text_features)
-    class_vectors = cv["features"].to(device)
     targets = targets.to(device)
-    f = vqgan.downsample_factor
-    latent_hw = (p.world.image_size // f, p.world.image_size // f)
+    teacher = fold_batchnorm(load_clip(args.teacher, device))  # frozen: BN folded into its convs
+    vqgan = channels_last(load_vqgan(Path(args.generator) / "vqgan.pt").to(device).eval().requires_grad_(False), device)
+    class_vectors = load_class_vectors(args.text_features)["features"].to(device)
+    latent_side = params.world.image_size // vqgan.downsample_factor
 
     out = Path(args.out)
-    key = work_key({"synthesize": vars(s), "seed": p.seed, "image_size": p.world.image_size,
-                    "precision": p.precision, "device": p.device, "threads": p.threads},
+    key = work_key({"synthesize": vars(params.synthesize), "seed": params.seed, "image_size": params.world.image_size,
+                    "precision": params.precision, "device": params.device, "threads": params.threads},
                    [Path(args.prompts) / "features.pt", Path(args.generator) / "vqgan.pt",
-                    Path(args.teacher) / "teacher.pt", Path(args.text_features) / "class_vectors.pt"])
+                    Path(args.teacher) / "clip.pt", Path(args.text_features) / "class_vectors.pt"])
     work = work_dir(out, key)
     work.mkdir(parents=True, exist_ok=True)
-    ranges = shard_ranges(len(table), s.shard_size)
-    mine = [i for i in range(len(ranges)) if i % dist.world == dist.rank]
-    todo = [i for i in mine if load_shard(work / shard_name(i)) is None]
-    who = f"rank {dist.rank}/{dist.world}: " if dist.world > 1 else ""
-    print(f"synthesize: {who}{len(mine)} shards, {len(mine) - len(todo)} already done (work key {key})")
+    ranges = shard_ranges(len(table), params.synthesize.shard_size)
+    rank_shards = [i for i in range(len(ranges)) if i % dist.processes == dist.rank]
+    todo = [i for i in rank_shards if load_shard(work / shard_name(i)) is None]
+    rank_label = f"rank {dist.rank}/{dist.processes}: " if dist.processes > 1 else ""
+    print(f"synthesize: {rank_label}{len(rank_shards)} shards, {len(rank_shards) - len(todo)} already done "
+          f"(work key {key})")
     bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in todo), desc="synthesize", unit="img",
                disable=None if dist.main else True)
+    labels = torch.tensor(table["label"].to_numpy(), device=device)
     for i in todo:
-        start, end = ranges[i]
-        images, conf = [], []
-        for b0 in range(start, end, s.batch_size):
-            ids = list(range(b0, min(b0 + s.batch_size, end)))
-            inits = [torch.Generator().manual_seed(image_seed(p.seed, j)) for j in ids]
-            step_gen = torch.Generator().manual_seed(image_seed(p.seed, b0) ^ 0x5EED)
-            x = synthesize_batch(vqgan, teacher, targets[ids], steps=s.steps, lr=s.lr, cutn=s.cutn,
-                                 cut_pow=s.cut_pow, min_cut=s.min_cut, augment=s.augment,
-                                 latent_hw=latent_hw, init_generators=inits, generator=step_gen, amp_dtype=amp)
-            with torch.no_grad():
-                probs = teacher.logits(x, class_vectors).softmax(-1)
-            labels = torch.tensor(table["label"].iloc[ids].to_numpy(), device=device)
-            conf.append(probs.gather(1, labels[:, None]).squeeze(1).cpu())
-            images.append(x.mul(255).round().to(torch.uint8).cpu())
-            bar.update(len(ids))
-        save_shard(work / shard_name(i), torch.cat(images), prompt_ids=torch.arange(start, end),
-                   seeds=torch.tensor([image_seed(p.seed, j) for j in range(start, end)]),
-                   confidence=torch.cat(conf))
+        shard = synthesize_shard(vqgan, teacher, targets, class_vectors, labels, *ranges[i],
+                                 seed=params.seed, batch_size=params.synthesize.batch_size,
+                                 latent_hw=(latent_side, latent_side), progress=bar,
+                                 steps=params.synthesize.steps, lr=params.synthesize.lr, cutn=params.synthesize.cutn,
+                                 cut_pow=params.synthesize.cut_pow, min_cut=params.synthesize.min_cut,
+                                 augment=params.synthesize.augment,
+                                 amp_dtype=resolve_precision(params.precision, device))
+        save_shard(work / shard_name(i), **shard)
     bar.close()
     dist.barrier()  # every rank's shards are on disk
     if not dist.main:
         dist.close()
         return
 
-    rows, all_images = [], []
-    for i, (start, end) in enumerate(ranges):
-        shard = load_shard(work / shard_name(i))
-        all_images.append(shard["images"])
-        for r, pid in enumerate(shard["prompt_ids"].tolist()):
-            rows.append({"shard": shard_name(i), "row": r, "prompt_id": pid, "class": table["class"][pid],
-                         "label": int(table["label"][pid]), "prompt": table["text"][pid],
-                         "description": table["description"][pid], "seed": int(shard["seeds"][r]),
-                         "teacher_confidence": round(float(shard["confidence"][r]), 6)})
+    rows, images = index_rows(work, ranges, table)
     index = pd.DataFrame(rows)
-    images = torch.cat(all_images)
     # Xuan et al.'s diversity, measured: per class, mean pairwise cosine distance of the images'
     # teacher features (the prompts stage reports the same for the prompts' text features).
     with torch.no_grad():
         feats = torch.cat([teacher.encode_image(images[i:i + 256].float().div(255).to(device)).cpu()
                            for i in range(0, len(images), 256)])
-    metrics = {"image_diversity": diversity_report(feats, index["label"].tolist(), list(p.world.classes)),
+    metrics = {"image_diversity": diversity_report(feats, index["label"].tolist(), list(params.world.classes)),
                "teacher_confidence": round(float(index["teacher_confidence"].mean()), 4)}
     with atomic_dir(out) as tmp:
         index.to_csv(tmp / "index.csv", index=False)
         write_json(tmp / "metrics.json", metrics)
-        preview_grid(images, index["label"].tolist(), len(p.world.classes)).save(tmp / "preview.png")
+        preview_grid(images, index["label"].tolist(), len(params.world.classes)).save(tmp / "preview.png")
         finalize(work, tmp, [shard_name(i) for i in range(len(ranges))])
     remove_work_dir(work)
     dist.close()

@@ -14,29 +14,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataclasses import asdict
 
-from clipdistill.clip_models import materialise_clip, save_teacher
+from clipdistill.clip_models import CLIP_FILE, embedded_clip_from_params, load_open_clip, save_clip
+from clipdistill.clip_training import train_clip
+from clipdistill.data import load_captioned_split
 from clipdistill.params import load_params
 from clipdistill.resumable import Checkpoints
-from clipdistill.runtime import PipelineError, atomic_dir, run_stage, seed_everything, setup_torch, stage_args, write_json
+from clipdistill.runtime import (PipelineError, atomic_dir, run_stage, seed_everything, setup_torch, stage_args,
+                                 write_json)
+
+SECTIONS = ("teacher", "student_clip")  # the params sections this stage materialises (--section)
 
 
 def main():
     args = stage_args(__doc__, "world", "out", optional={"section": "teacher"})
-    if args.section not in ("teacher", "student_clip"):
-        raise PipelineError(f"--section must be teacher or student_clip, got {args.section!r}")
-    p = load_params(args.params)
-    device = setup_torch(p.device, p.threads)
-    gen = seed_everything(p.seed)
-    section = getattr(p, args.section)
-    world_train = Path(args.world) / "train"
-    checkpoints = Checkpoints.for_stage(
-        args.out, {args.section: asdict(section), "seed": p.seed, "threads": p.threads, "device": p.device,
-                   "image_size": p.world.image_size}, [world_train], section.checkpoint_every)
-    model, summary = materialise_clip(section, world_train, p.world.image_size, gen, device, checkpoints)
+    if args.section not in SECTIONS:
+        raise PipelineError(f"--section must be {' or '.join(SECTIONS)}, got {args.section!r}")
+    params = load_params(args.params)
+    device = setup_torch(params.device, params.threads)
+    generator = seed_everything(params.seed)
+    section = getattr(params, args.section)  # params.teacher or params.student_clip
+    image_size = params.world.image_size
+    summary = {"source": section.source}
+    checkpoints = None
+    if section.source == "embedded":
+        world_train = Path(args.world) / "train"
+        checkpoints = Checkpoints.for_stage(
+            args.out, {args.section: asdict(section), "seed": params.seed, "threads": params.threads,
+                       "device": params.device, "image_size": image_size}, [world_train], section.checkpoint_every)
+        images, captions, _ = load_captioned_split(world_train, image_size)
+        model = embedded_clip_from_params(section, image_size)
+        losses = train_clip(model, images, captions, epochs=section.epochs, batch_size=section.batch_size,
+                            lr=section.lr, weight_decay=section.weight_decay, generator=generator, device=device,
+                            checkpoints=checkpoints, desc=args.section)
+        summary.update(final_loss=sum(losses[-20:]) / len(losses[-20:]), steps=len(losses),
+                       logit_scale=model.logit_scale)
+    else:
+        model = load_open_clip(section.open_clip_model, section.pretrained)
+        summary.update(model=section.open_clip_model, pretrained=section.pretrained)
     with atomic_dir(args.out) as tmp:
-        save_teacher(model, tmp / "teacher.pt")
+        save_clip(model.cpu(), tmp / CLIP_FILE)
         write_json(tmp / "summary.json", summary)
-    checkpoints.clear()
+    if checkpoints is not None:
+        checkpoints.clear()
     print(f"{args.section}: {summary}")
 
 

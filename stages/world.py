@@ -25,11 +25,10 @@ from clipdistill.world import render_split
 
 def main():
     args = stage_args(__doc__, "out")
-    p = load_params(args.params)
-    w = p.world
+    params = load_params(args.params)
     with atomic_dir(args.out) as tmp:
-        if w.source == "folder":
-            root = Path(w.root)
+        if params.world.source == "folder":
+            root = Path(params.world.root)
             if root.exists() and not root.is_dir():
                 raise PipelineError(f"world.root {root} is a file; it must be the image folder "
                                     f"(<root>/<domain>/<class>/*)")
@@ -37,19 +36,19 @@ def main():
                 raise PipelineError(f"image folder not found: {root} (world.root): download the dataset (for PACS, its "
                                     f"kfold folder) and place it so that {root}/<domain>/<class>/ holds the images")
             # Reads every image once: a corrupt file fails here, with its name, not hours later.
-            data = load_domain_folder(root, list(w.classes), 8, list(w.eval_domains))
+            data = load_domain_folder(root, list(params.world.classes), 8, list(params.world.eval_domains))
             rows = [{"domain": dom, "class": cls, "path": str(f.relative_to(root)), "bytes": f.stat().st_size}
-                    for dom in w.eval_domains for cls in w.classes if (root / dom / cls).is_dir()
+                    for dom in params.world.eval_domains for cls in params.world.classes if (root / dom / cls).is_dir()
                     for f in list_images(root / dom / cls)]
             pd.DataFrame(rows).to_csv(tmp / "manifest.csv", index=False)
             counts = {dom: len(labels) for dom, (_, labels) in data.items()}
-            print(f"world: folder {root}: {counts} images in {len(w.classes)} classes")
+            print(f"world: folder {root}: {counts} images in {len(params.world.classes)} classes")
             return
-        n_train = render_split(tmp, "train", w.classes, w.train_styles, w.train_per_class_style,
-                               w.image_size, p.seed, with_captions=True)
-        n_test = render_split(tmp, "test", w.classes, w.eval_domains, w.test_per_class_domain,
-                              w.image_size, p.seed, with_captions=False)
-    print(f"world: {n_train} train and {n_test} test images at {w.image_size} px")
+        n_train = render_split(tmp, "train", params.world.classes, params.world.train_styles, params.world.train_per_class_style,
+                               params.world.image_size, params.seed, with_captions=True)
+        n_test = render_split(tmp, "test", params.world.classes, params.world.eval_domains, params.world.test_per_class_domain,
+                              params.world.image_size, params.seed, with_captions=False)
+    print(f"world: {n_train} train and {n_test} test images at {params.world.image_size} px")
 
 
 if __name__ == "__main__":

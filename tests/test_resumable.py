@@ -54,7 +54,7 @@ def test_checkpoints_write_nothing_off_rank_zero_and_clear_removes_the_work_fold
     from clipdistill.runtime import Dist
 
     work = tmp_path / ".out.work" / "abc"
-    Checkpoints(work, 1, Dist(rank=1, world=2)).save(1, {"step": 1})
+    Checkpoints(work, 1, Dist(rank=1, processes=2)).save(1, {"step": 1})
     assert not work.exists()
     ck = Checkpoints(work, 1)
     ck.sub("student").save(1, {"step": 1})

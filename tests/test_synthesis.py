@@ -55,7 +55,7 @@ def test_cutouts_shape_and_range(augment, gen):
 
 def test_full_size_cutout_without_augment_is_the_image(gen):
     img = torch.rand(2, 3, 16, 16, generator=gen)
-    cuts = make_cutouts(img, cutn=2, cut_size=16, min_frac=1.0, augment=False, generator=gen)
+    cuts = make_cutouts(img, cutn=2, cut_size=16, min_cut=1.0, augment=False, generator=gen)
     assert torch.allclose(cuts[:, 0], img, atol=1e-5)
 
 

@@ -1,0 +1,75 @@
+"""Training the embedded CLIPs (clip, student_clip) on the world's captioned train split.
+
+Image-caption contrastive learning with every identical-caption pair a positive; the loop is
+`resumable.run_steps`, as every training loop in the project.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .augment import flip_translate
+from .clip_models import ClipModel
+from .resumable import Checkpoints, EpochOrder, run_steps
+from .schedules import clip_warmup_cosine
+
+
+def multi_positive_clip_loss(img: torch.Tensor, txt: torch.Tensor, token_ids: torch.Tensor,
+                             logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE where every pair with an identical caption is a positive.
+
+    With 7 classes and a handful of styles, a batch holds many identical captions; treating them
+    as negatives (plain CLIP) would push apart features that should match. Targets are the
+    uniform distribution over identical-caption partners.
+    img, txt: unit-norm [B, D]; token_ids: [B, L].
+    """
+    logits = logit_scale * img @ txt.t()
+    same = (token_ids[:, None, :] == token_ids[None, :, :]).all(-1).float()
+    targets = same / same.sum(1, keepdim=True)
+    loss_i = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
+    loss_t = torch.sum(-targets * F.log_softmax(logits.t(), dim=1), dim=1).mean()
+    return 0.5 * (loss_i + loss_t)
+
+
+def train_clip(clip: ClipModel, images: torch.Tensor, captions: list[str], *, epochs: int,
+                  batch_size: int, lr: float, weight_decay: float, generator: torch.Generator,
+                  device: torch.device, checkpoints: Checkpoints | None = None, desc: str = "clip") -> list[float]:
+    """Image-caption contrastive training of an embedded CLIP (the teacher or student_clip).
+
+    images: uint8 [N, 3, H, W]; captions: N strings. AdamW + cosine schedule with warm-up;
+    light augmentation (flip, 4-px translation). `checkpoints` makes it resumable
+    (`resumable.run_steps`); `desc` names its progress bar. Returns per-step losses.
+    """
+    clip.train().to(device)
+    tokens = clip._tokenizer(captions)
+    params_decay = [p for n, p in clip.model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    params_other = [p for n, p in clip.model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": params_decay, "weight_decay": weight_decay},
+                             {"params": params_other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    batches = EpochOrder(images.shape[0], batch_size, generator)
+    total = epochs * batches.steps_per_epoch
+    warmup = max(1, total // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: clip_warmup_cosine(s, total, warmup))
+
+    def step(i: int) -> float:
+        idx = batches.batch(i)
+        x = flip_translate(images[idx].float().div(255), generator).to(device)
+        tok = tokens[idx].to(device)
+        img_f = F.normalize(clip.model.encode_image(clip.preprocess(x)), dim=-1)
+        # Encode each distinct caption once: batches repeat captions, and the text tower dominates cost.
+        uniq, inverse = torch.unique(tok, dim=0, return_inverse=True)
+        txt_f = F.normalize(clip.model.encode_text(uniq), dim=-1)[inverse]
+        loss = multi_positive_clip_loss(img_f, txt_f, tok, clip.model.logit_scale.exp())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            clip.model.logit_scale.clamp_(0, 4.6052)  # ln(100), as open_clip does
+        return loss.item()
+
+    losses = run_steps(step, total, state={"model": clip.model, "optimizer": opt, "scheduler": sched,
+                                           "batches": batches},
+                       generators=[generator], checkpoints=checkpoints, desc=desc)
+    clip.eval()
+    return losses

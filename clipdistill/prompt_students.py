@@ -40,11 +40,12 @@ class VitPrompts(nn.Module):
     normalised [B, 3, S, S] -> [B, out_dim].
     """
 
-    def __init__(self, visual: VisionTransformer, n_prompts: int, depth: int, generator=None):
+    def __init__(self, visual: VisionTransformer, n_prompts: int, depth: int, generator=None,
+                 depth_key: str = "prompt_depth"):
         super().__init__()
         layers = len(visual.transformer.resblocks)
         if not 0 <= depth <= layers:
-            raise ParamsError(f"params key 'distill.<student>.prompt_depth': visual prompt depth {depth} must be "
+            raise ParamsError(f"params key '{depth_key}': visual prompt depth {depth} must be "
                               f"within 0..{layers} (the ViT image tower's layers)")
         if not visual.transformer.batch_first:
             raise PipelineError("visual prompts need a batch-first open_clip transformer (open_clip >= 3)")
@@ -95,13 +96,14 @@ class ConvPrompts(nn.Module):
     depth 0 (or n 0) is the plain forward. normalised [B, 3, S, S] -> [B, out_dim].
     """
 
-    def __init__(self, visual: ConvImageTower, n_prompts: int, depth: int, generator=None):
+    def __init__(self, visual: ConvImageTower, n_prompts: int, depth: int, generator=None,
+                 depth_key: str = "prompt_depth"):
         super().__init__()
         # stages = runs of modules that start at a conv (conv, BN, ReLU, pool in ConvImageTower)
         starts = [i for i, m in enumerate(visual.features) if isinstance(m, nn.Conv2d)] + [len(visual.features)]
         self.stage_bounds = list(zip(starts[:-1], starts[1:]))
         if not 0 <= depth <= len(self.stage_bounds):
-            raise ParamsError(f"params key 'distill.<student>.prompt_depth': visual prompt depth {depth} must be "
+            raise ParamsError(f"params key '{depth_key}': visual prompt depth {depth} must be "
                               f"within 0..{len(self.stage_bounds)} (the conv image tower's stages)")
         self.visual = visual
         self.n_prompts = n_prompts if depth > 0 else 0
@@ -126,11 +128,13 @@ class ConvPrompts(nn.Module):
 PROMPTED_TOWERS = {VisionTransformer: VitPrompts, ConvImageTower: ConvPrompts}
 
 
-def prompted_image_encoder(visual: nn.Module, n_prompts: int, depth: int, generator=None) -> nn.Module:
-    """Wrap a CLIP image tower with visual prompts (VitPrompts or ConvPrompts by tower type)."""
+def prompted_image_encoder(visual: nn.Module, n_prompts: int, depth: int, generator=None,
+                           depth_key: str = "prompt_depth") -> nn.Module:
+    """Wrap a CLIP image tower with visual prompts (VitPrompts or ConvPrompts by tower type);
+    `depth_key` is the params key an out-of-range depth error names."""
     for tower, cls in PROMPTED_TOWERS.items():
         if isinstance(visual, tower):
-            return cls(visual, n_prompts, depth, generator)
+            return cls(visual, n_prompts, depth, generator, depth_key)
     raise PipelineError(f"visual prompts support {', '.join(t.__name__ for t in PROMPTED_TOWERS)} image towers, "
                         f"not {type(visual).__name__}")
 
@@ -231,7 +235,8 @@ class PromptKDStudent(_FrozenClipStudent):
         model, spec, image_size, _ = _unwrap(clip, spec, image_size, None)
         self._init_io(image_size)
         self.spec = spec
-        self.encoder = prompted_image_encoder(model.visual, n_prompts, prompt_depth, generator)
+        self.encoder = prompted_image_encoder(model.visual, n_prompts, prompt_depth, generator,
+                                              "distill.promptkd.prompt_depth")
         self.encoder.visual.requires_grad_(False)
         teacher_dim = class_vectors.shape[1]
         # PromptKD's projector: 1x1 conv (student dim -> teacher dim), BN, ReLU, 1x1 conv; on a
@@ -298,7 +303,9 @@ class KDPLStudent(_FrozenClipStudent):
         self.spec = spec
         self.clip = model.requires_grad_(False).eval()
         self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length or model.context_length)
-        self.encoder = prompted_image_encoder(model.visual, n_prompts, prompt_depth, generator)
+        # no visual prompts: no depth to check against the tower (the text context alone trains)
+        self.encoder = prompted_image_encoder(model.visual, n_prompts, prompt_depth if n_prompts else 0, generator,
+                                              "distill.kdpl.prompt_depth")
         self.ctx_init = ctx_init
         if ctx_init:
             init_ids = self.tokenizer.encode(ctx_init)

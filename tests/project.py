@@ -37,3 +37,28 @@ def committed_copy(dst: Path, params: Path) -> Path:
     run(["git", "add", "-A"], dst)
     run(["git", "commit", "-qm", "project"], dst)
     return dst
+
+
+def repo_section(dotted: str, **overrides):
+    """A section of the repo's params.yaml as its validated dataclass (e.g. "prompts.mix"), with
+    `overrides` replaced: the tests' stand-in for defaults, which live only in params.yaml."""
+    import dataclasses
+
+    from clipdistill.params import load_params
+
+    obj = load_params(ROOT / "params.yaml")
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return dataclasses.replace(obj, **overrides)
+
+
+TINY_CLIP = {"image_size": 16, "vision": "convnet", "embed_dim": 16, "vision_width": 8, "vision_layers": 1,
+             "vision_heads": 1, "patch_size": 8, "text_width": 32, "text_layers": 1, "text_heads": 1,
+             "context_length": 16}
+
+
+def tiny_clip(**overrides):
+    """A randomly initialised tiny embedded CLIP (conv tower unless vision="vit")."""
+    from clipdistill.clip_models import build_embedded_clip
+
+    return build_embedded_clip(**{**TINY_CLIP, **overrides})

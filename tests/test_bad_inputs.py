@@ -113,7 +113,7 @@ def truncated_ckpt(tmp, art):
 
 def teacher_as_ckpt(tmp, art):
     _, ckpt = taming_release(tmp)
-    shutil.copy(art / "teacher" / "teacher.pt", ckpt)
+    shutil.copy(art / "teacher" / "clip.pt", ckpt)
 
 
 def words(name: str, data: bytes):
@@ -157,7 +157,7 @@ def no_class_folder(tmp, art):
 
 def student_as_teacher(tmp, art):
     (tmp / "teacher").mkdir()
-    shutil.copy(art / "student" / "student.pt", tmp / "teacher" / "teacher.pt")
+    shutil.copy(art / "student" / "student.pt", tmp / "teacher" / "clip.pt")
 
 
 def truncated_features(tmp, art):
@@ -169,7 +169,7 @@ def truncated_shard(tmp, art):
 
 
 def embedded_teacher_weights(tmp, art):
-    shutil.copy(art / "teacher" / "teacher.pt", tmp / "embedded_teacher.pt")
+    shutil.copy(art / "teacher" / "clip.pt", tmp / "embedded_teacher.pt")
 
 
 # ---------------------------------------------------------------- the table
@@ -187,8 +187,8 @@ TAMING = {"generator.source": "taming", "generator.taming_config": "{tmp}/releas
           "generator.taming_checkpoint": "{tmp}/release/checkpoints/last.ckpt"}
 OPEN_CLIP = {"teacher.source": "open_clip", "teacher.open_clip_model": "ViT-S-32", "teacher.pretrained": "random"}
 MIX = {"prompts.method": "mix", "prompts.mix.styles_file": "{tmp}/styles.txt"}
-KDPL_CA = {"distill.student": "kdpl", "distill.class_agnostic": True, "distill.loss": "symmetric_kl",
-           "distill.classnames_file": "{tmp}/names.txt"}
+KDPL_CA = {"distill.student": "kdpl", "distill.kdpl.class_agnostic": True, "distill.loss": "symmetric_kl",
+           "distill.kdpl.classnames_file": "{tmp}/names.txt"}
 NOT_UTF8 = "café\nmosaic\n".encode("latin-1")  # é is one byte (0xe9) that starts no UTF-8 sequence here
 
 
@@ -289,13 +289,13 @@ ROWS = [
         ["cannot load open_clip ViT-S-32", "embedded_teacher.pt"],
         sets={**OPEN_CLIP, "teacher.pretrained": "{tmp}/embedded_teacher.pt"}, prepare=embedded_teacher_weights),
     # artifacts of the wrong kind, or truncated
-    bad("student-checkpoint-as-teacher", "text_features", ["teacher checkpoint", "{tmp}/teacher/teacher.pt"],
+    bad("student-checkpoint-as-teacher", "text_features", ["CLIP checkpoint", "{tmp}/teacher/clip.pt"],
         args={"teacher": "{tmp}/teacher"}, prepare=student_as_teacher),
     bad("prompt-features-truncated", "synthesize", ["prompt features", "{tmp}/prompts/features.pt", "unreadable"],
         args={"prompts": "{tmp}/prompts"}, prepare=truncated_features),
     bad("synth-shard-truncated", "distill", ["shard", "{tmp}/synth/shards/shard_00000.pt", "unreadable"],
         args={"synth": "{tmp}/synth"}, prepare=truncated_shard),
-    # word lists: prompts.mix.styles_file, distill.classnames_file
+    # word lists: prompts.mix.styles_file, distill.kdpl.classnames_file
     bad("styles-file-empty", "prompts", ["style dictionary", "{tmp}/styles.txt", "is empty"], sets=MIX,
         prepare=words("styles.txt", b"")),
     bad("styles-file-blank-lines-only", "prompts", ["style dictionary", "{tmp}/styles.txt", "is empty"], sets=MIX,
@@ -310,13 +310,14 @@ ROWS = [
         sets=KDPL_CA, prepare=words("names.txt", b"  \n\n \n")),
     bad("classnames-file-not-utf8", "distill", ["class-name dictionary", "{tmp}/names.txt", "not UTF-8"], sets=KDPL_CA,
         prepare=words("names.txt", NOT_UTF8)),
-    bad("classnames-fewer-than-topk", "distill", ["distill.topk", "3 names", "{tmp}/names.txt"],
-        sets={**KDPL_CA, "distill.topk": 5}, prepare=words("names.txt", b"dog\ncat\nbird\n")),
+    bad("classnames-fewer-than-topk", "distill", ["distill.kdpl.topk", "3 names", "{tmp}/names.txt"],
+        sets={**KDPL_CA, "distill.kdpl.topk": 5}, prepare=words("names.txt", b"dog\ncat\nbird\n")),
     # prompt-student hyper-parameters the small CLIP cannot take
-    bad("kdpl-n-ctx-disagrees-with-ctx-init", "distill", ["distill.ctx_init", "4 tokens", "distill.n_ctx is 3"],
-        sets={"distill.student": "kdpl", "distill.n_ctx": 3}),
-    bad("promptkd-prompt-depth-beyond-the-tower", "distill", ["distill.prompt_depth", "0..4"],
-        sets={"distill.student": "promptkd", "distill.loss": "promptkd", "distill.prompt_depth": 5}),
+    bad("kdpl-n-ctx-disagrees-with-ctx-init", "distill", ["distill.kdpl.ctx_init", "4 tokens",
+                                                          "distill.kdpl.n_ctx is 3"],
+        sets={"distill.student": "kdpl", "distill.kdpl.n_ctx": 3}),
+    bad("promptkd-prompt-depth-beyond-the-tower", "distill", ["distill.promptkd.prompt_depth", "0..4"],
+        sets={"distill.student": "promptkd", "distill.loss": "promptkd", "distill.promptkd.prompt_depth": 5}),
 ]
 
 

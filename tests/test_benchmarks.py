@@ -58,8 +58,8 @@ def test_student_speed_benchmark_reports_student_over_teacher_rate():
     assert len(rows) == 3  # teacher, CNN student, PromptKD student
     rates = [float(r.split()[-2]) for r in rows]
     # The CNN student's parameter count, as the distill stage would build it from these params.
-    p = load_params(ROOT / "tests" / "tiny_params.yaml")
-    cnn = CnnStudent(torch.randn(len(p.world.classes), p.teacher.embed_dim), 1.0, head=p.distill.head,
-                     width=p.distill.width, depth=p.distill.depth)
+    params = load_params(ROOT / "tests" / "tiny_params.yaml")
+    cnn = CnnStudent(torch.randn(len(params.world.classes), params.teacher.embed_dim), 1.0,
+                     head=params.distill.cnn.head, width=params.distill.cnn.width, depth=params.distill.cnn.depth)
     assert int(rows[1].split()[-4].replace(",", "")) == count_parameters(cnn)
     assert figure(lines[-1], "student/teacher speedup") == pytest.approx(rates[1] / rates[0], abs=0.06)

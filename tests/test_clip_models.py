@@ -2,22 +2,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipdistill.clip_models import build_embedded_teacher, load_teacher, multi_positive_clip_loss, save_teacher
-from clipdistill.params import TeacherParams
+from project import tiny_clip
+
+from clipdistill.clip_models import load_clip, save_clip
+from clipdistill.clip_training import multi_positive_clip_loss
 from clipdistill.runtime import PipelineError
 
 
 def tiny(vision="convnet"):
-    return TeacherParams(vision=vision, embed_dim=16, vision_width=8 if vision == "convnet" else 32, vision_layers=1,
-                         vision_heads=1, patch_size=8, text_width=32, text_layers=1, text_heads=1, context_length=16)
+    return tiny_clip(vision=vision, vision_width=8 if vision == "convnet" else 32)
 
 
 @pytest.mark.parametrize("vision", ["convnet", "vit"])
 def test_teacher_round_trip_gives_identical_features(tmp_path, vision):
     torch.manual_seed(0)
-    t = build_embedded_teacher(tiny(vision), 16).eval()
-    save_teacher(t, tmp_path / "teacher.pt")
-    t2 = load_teacher(tmp_path)
+    t = tiny(vision).eval()
+    save_clip(t, tmp_path / "clip.pt")
+    t2 = load_clip(tmp_path)
     x = torch.rand(3, 3, 16, 16)
     t.requires_grad_(False)  # attention takes another (fused) kernel path when nothing needs grad
     assert torch.allclose(t.encode_image(x), t2.encode_image(x), atol=1e-6)
@@ -29,10 +30,10 @@ def test_teacher_round_trip_gives_identical_features(tmp_path, vision):
 
 def test_bad_teacher_checkpoint(tmp_path):
     with pytest.raises(PipelineError, match="not found"):
-        load_teacher(tmp_path / "missing.pt")
-    (tmp_path / "teacher.pt").write_bytes(b"garbage")
+        load_clip(tmp_path / "missing.pt")
+    (tmp_path / "clip.pt").write_bytes(b"garbage")
     with pytest.raises(PipelineError, match="unreadable"):
-        load_teacher(tmp_path / "teacher.pt")
+        load_clip(tmp_path / "clip.pt")
 
 
 def test_multi_positive_loss_equals_clip_loss_when_captions_are_distinct(gen):
@@ -61,7 +62,7 @@ def test_fold_batchnorm_keeps_the_teachers_features(gen):
     from clipdistill.clip_models import fold_batchnorm
 
     torch.manual_seed(0)
-    t = build_embedded_teacher(tiny(), 16)
+    t = tiny()
     t.train()
     for _ in range(3):  # give BatchNorm non-trivial running statistics
         t.encode_image(torch.rand(8, 3, 16, 16, generator=gen))

@@ -18,13 +18,39 @@ def test_repo_params_are_valid():
     assert isinstance(p.synthesize.lr, float)
 
 
-def test_a_key_left_out_takes_params_yaml_value():
-    # Only the sections and the class list: every other key falls back to its dataclass default,
-    # which must be what params.yaml says (a preset that omits a key gets the documented value).
-    full = raw()
-    skeleton = {section: {} for section, value in full.items() if isinstance(value, dict)}
-    skeleton["world"] = {"classes": full["world"]["classes"]}
-    assert parse_params(skeleton) == load_params(ROOT / "params.yaml")
+@pytest.mark.parametrize("section, key", [("distill", "epochs"), ("distill.kdpl", "topk"), ("", "seed"),
+                                          ("student_clip", "vision_heads"), ("prompts.mix", "k")])
+def test_a_key_left_out_is_refused_naming_it(section, key):
+    # No dataclass default: params.yaml is the one place a default is written, and every key a
+    # stage reads is in the file DVC tracks.
+    r = raw()
+    node = r
+    for part in filter(None, section.split(".")):
+        node = node[part]
+    del node[key]
+    full = f"{section}.{key}" if section else key
+    with pytest.raises(ParamsError, match=f"missing params key '{full}'"):
+        parse_params(r)
+
+
+def test_allowed_values_come_from_the_registries():
+    from clipdistill.losses import LOSSES
+    from clipdistill.params import REGISTRIES, choices
+    from clipdistill.prompts import METHODS
+    from clipdistill.students import STUDENTS
+
+    assert choices("distill.loss") == tuple(LOSSES) and choices("prompts.method") == tuple(METHODS)
+    assert choices("distill.student") == tuple(STUDENTS) == ("cnn", "promptkd", "kdpl")
+    r = raw()
+    for key in REGISTRIES:  # a value no registry knows is refused, naming the registry's names
+        node = r
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        saved, node[leaf] = node[leaf], "nonesuch"
+        with pytest.raises(ParamsError, match=f"'{key}' is 'nonesuch'; choose one of {', '.join(choices(key))}"):
+            parse_params(r)
+        node[leaf] = saved
 
 
 @pytest.mark.parametrize("mutate, needle", [
@@ -43,7 +69,7 @@ def test_a_key_left_out_takes_params_yaml_value():
     (lambda r: r["world"].update(source="folder"), "world.root"),
     (lambda r: r["world"].update(source="folder", root="data/PACS"), "teacher.source"),
     (lambda r: r.update(precision="fp16"), "precision"),
-    (lambda r: r["distill"].update(backbone="vit"), "distill.backbone"),
+    (lambda r: r["distill"]["cnn"].update(backbone="vit"), "distill.cnn.backbone"),
     (lambda r: r["distill"].update(lr=-1), "distill.lr"),
     (lambda r: r["teacher"].update(weight_decay=-0.1), "teacher.weight_decay"),
     (lambda r: r["world"].update(classes=["circle", "tri/angle"]), "world.classes[1]"),
@@ -110,7 +136,7 @@ def test_a_params_file_that_is_no_mapping_fails_with_one_line(tmp_path, data, ne
 def test_the_paper_preset_is_valid():
     p = load_params(ROOT / "presets" / "pacs_vitb32.yaml")
     assert (p.world.source, p.teacher.source, p.generator.source) == ("folder", "open_clip", "taming")
-    assert p.world.image_size == 224 and p.distill.backbone == "resnet18"
+    assert p.world.image_size == 224 and p.distill.cnn.backbone == "resnet18"
 
 
 @pytest.mark.parametrize("name", ["params.yaml", "presets/pacs_vitb32.yaml", "tests/tiny_params.yaml"])

@@ -121,7 +121,7 @@ def test_interrupted_synthesis_resumes_from_finished_shards(project):
 
 
 @pytest.mark.parametrize("sets", [
-    ["distill.student=kdpl", "distill.class_agnostic=true", "distill.loss=symmetric_kl"],
+    ["distill.student=kdpl", "distill.kdpl.class_agnostic=true", "distill.loss=symmetric_kl"],
     ["distill.student=promptkd", "distill.images=world", "distill.loss=promptkd"],
 ], ids=["kdpl-class-agnostic-synthetic", "promptkd-unlabeled-world"])
 def test_prompt_students_run_as_experiments(project, sets):

@@ -4,14 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipdistill.clip_models import ClipTeacher, build_clip, build_embedded_teacher
-from clipdistill.losses import kd_kl, symmetric_kl
-from clipdistill.params import TeacherParams
+from project import tiny_clip as embedded_clip
+
+from clipdistill.clip_models import ClipModel, build_clip
+from clipdistill.losses import kd_kl, promptkd_loss, symmetric_kl
 from clipdistill.prompt_students import (ConvPrompts, KDPLStudent, PromptKDStudent, VitPrompts, class_agnostic_logits,
-                                         load_classnames, load_prompt_student, promptkd_loss, save_prompt_student,
-                                         select_topk_classes)
+                                         load_classnames, select_topk_classes)
 from clipdistill.runtime import PipelineError
-from clipdistill.students import CnnStudent, save_student
+from clipdistill.students import CnnStudent, load_student, save_student
 from clipdistill.training import distill
 
 CLASSES = ["circle", "triangle", "square", "star", "heart"]
@@ -21,13 +21,12 @@ VIT_CONFIG = {"embed_dim": 16,
               "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 
 
-def tiny_clip(tower: str) -> ClipTeacher:
+def tiny_clip(tower: str) -> ClipModel:
     """A fresh random small CLIP: 'conv' = the embedded ConvImageTower one, 'vit' = open_clip ViT."""
     torch.manual_seed(0)
     if tower == "conv":
-        p = TeacherParams(embed_dim=16, vision_width=8, text_width=32, text_layers=1, text_heads=1, context_length=16)
-        return build_embedded_teacher(p, 16).eval()
-    return ClipTeacher(build_clip(VIT_CONFIG), 32, 16, {"kind": "embedded", "config": VIT_CONFIG}).eval()
+        return embedded_clip().eval()
+    return ClipModel(build_clip(VIT_CONFIG), 32, 16, {"kind": "embedded", "config": VIT_CONFIG}).eval()
 
 
 def gen(seed=0):
@@ -138,7 +137,7 @@ def test_class_agnostic_kdpl_with_all_classes_equals_plain_kdpl():
 @pytest.mark.parametrize("tower", ["conv", "vit"])
 def test_promptkd_without_prompts_is_the_plain_clip_image_tower(tower):
     clip = tiny_clip(tower)
-    student = PromptKDStudent(clip, class_vectors(), 100.0, n_prompts=4, depth=0).eval()
+    student = PromptKDStudent(clip, class_vectors(), 100.0, n_prompts=4, prompt_depth=0).eval()
     x = images(2, size=24)
     with torch.no_grad():
         ours = F.normalize(student.encoder(student.preprocess(x)), dim=-1)
@@ -240,7 +239,7 @@ def test_untrained_kdpl_student_is_zero_shot_clip(tower):
 
 @pytest.mark.parametrize("tower", ["conv", "vit"])
 def test_kdpl_only_context_and_visual_prompts_get_gradients(tower):
-    student = kdpl(tower, visual_prompts=2, visual_depth=2).train()
+    student = kdpl(tower, n_prompts=2, prompt_depth=2).train()
     symmetric_kl(student(images(3)), torch.randn(3, len(CLASSES), generator=gen(12))).backward()
     names = []
     for name, p in student.named_parameters():
@@ -270,13 +269,13 @@ def test_kdpl_class_names_and_context_options():
 # ---------------------------------------------------------------- checkpoints
 
 @pytest.mark.parametrize("tower", ["conv", "vit"])
-@pytest.mark.parametrize("make", [promptkd, lambda t: kdpl(t, visual_prompts=2, visual_depth=1)],
+@pytest.mark.parametrize("make", [promptkd, lambda t: kdpl(t, n_prompts=2, prompt_depth=1)],
                          ids=["promptkd", "kdpl"])
 def test_checkpoint_reloads_to_bit_identical_logits(tmp_path, tower, make):
     student = make(tower)
     nudge(student)
-    save_prompt_student(student, tmp_path / "student.pt")
-    loaded = load_prompt_student(tmp_path / "student.pt")
+    save_student(student, tmp_path / "student.pt")
+    loaded = load_student(tmp_path / "student.pt")
     assert type(loaded) is type(student) and not loaded.training
     x = images(3, size=28)
     with torch.no_grad():
@@ -284,7 +283,8 @@ def test_checkpoint_reloads_to_bit_identical_logits(tmp_path, tower, make):
     blob = torch.load(tmp_path / "student.pt", weights_only=True)
     assert all(not k.startswith(("clip.", "encoder.visual.")) for k in blob["trainable"])
     if isinstance(student, PromptKDStudent):
-        assert "visual" in blob and "clip" not in blob  # no text tower in a PromptKD checkpoint
+        # the frozen part stored is the image tower alone: no text tower in a PromptKD checkpoint
+        assert not any(k.startswith(("token_embedding", "text_projection", "ln_final")) for k in blob["frozen"])
         assert torch.equal(loaded.class_vectors, student.class_vectors)
     else:
         assert loaded.classnames == CLASSES and torch.equal(loaded.ctx, student.ctx)
@@ -294,19 +294,19 @@ def test_checkpoint_reloads_to_bit_identical_logits(tmp_path, tower, make):
 
 def test_bad_prompt_student_checkpoints(tmp_path):
     with pytest.raises(PipelineError, match="not found"):
-        load_prompt_student(tmp_path / "missing.pt")
+        load_student(tmp_path / "missing.pt")
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(PipelineError, match="unreadable"):
-        load_prompt_student(tmp_path / "garbage.pt")
+        load_student(tmp_path / "garbage.pt")
     save_student(CnnStudent(class_vectors(), 100.0, width=4, depth=1), tmp_path / "cnn.pt")
-    with pytest.raises(PipelineError, match="not a prompt student"):
-        load_prompt_student(tmp_path / "cnn.pt")
-    save_prompt_student(promptkd("conv"), tmp_path / "s.pt")
+    with pytest.raises(PipelineError, match="holds a 'cnn' student, not promptkd"):
+        load_student(tmp_path / "cnn.pt", kind="promptkd")
+    save_student(promptkd("conv"), tmp_path / "s.pt")
     blob = torch.load(tmp_path / "s.pt", weights_only=True)
     blob["trainable"]["projector.0.weight"] = torch.zeros(3, 3)
     torch.save(blob, tmp_path / "s.pt")
     with pytest.raises(PipelineError, match="does not match"):
-        load_prompt_student(tmp_path / "s.pt")
+        load_student(tmp_path / "s.pt")
 
 
 # ---------------------------------------------------------------- class-name dictionary

@@ -11,14 +11,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from clipdistill.clip_models import ClipTeacher, build_embedded_teacher, save_teacher
+from clipdistill.clip_models import ClipModel, save_clip
 from clipdistill.diversity import diversity_report, mean_pairwise_cosine_distance
-from clipdistill.params import (ContrastivePromptParams, MixPromptParams, ParamsError, PromptsParams,
-                                RandomPromptParams, TeacherParams, parse_params)
+from clipdistill.params import ParamsError, parse_params
 from clipdistill.prompts import (METHODS, ContrastivePrompt, MemoryBank, MixPrompt, RandomPrompt, build_method,
                                  contrastive_prompt_loss, fit_gaussian, load_prompts, load_styles, mix_embeddings,
                                  mix_weights, save_prompts)
 from clipdistill.runtime import PipelineError
+from project import repo_section, tiny_clip
+
 from clipdistill.text_encoder import (PLACEHOLDER, StyleTemplate, encode_with_pseudo_word, placeholder_position,
                                       word_embedding)
 
@@ -29,8 +30,7 @@ CLASSES = ["circle", "square", "star"]
 @pytest.fixture(scope="module")
 def teacher():
     torch.manual_seed(0)
-    p = TeacherParams(embed_dim=16, vision_width=8, text_width=32, text_layers=1, text_heads=1, context_length=16)
-    return build_embedded_teacher(p, 16).eval().requires_grad_(False)
+    return tiny_clip().eval().requires_grad_(False)
 
 
 def gen(seed=0):
@@ -38,7 +38,7 @@ def gen(seed=0):
 
 
 def params(**kw):
-    return PromptsParams(**kw)
+    return repo_section("prompts", **kw)
 
 
 def single_token(teacher, word):
@@ -73,7 +73,7 @@ def test_forward_equals_encode_text_on_embedded_teacher(teacher):
 def test_forward_equals_encode_text_on_open_clip_vit_b32():
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-32", pretrained=None).eval().requires_grad_(False)
-    check_forward_matches_encode_text(ClipTeacher(model, 224, model.context_length, {"kind": "test"}))
+    check_forward_matches_encode_text(ClipModel(model, 224, model.context_length, {"kind": "test"}))
 
 
 def test_placeholder_is_one_token_at_the_style_slot(teacher):
@@ -121,7 +121,7 @@ def test_mix_with_weight_one_is_the_pure_style():
 def test_mix_prompt_with_one_style_is_the_real_style_prompt(teacher, tmp_path):
     """k = 1 puts weight 1 on one dictionary word: the feature is encode_text of the real prompt."""
     (tmp_path / "styles.txt").write_text("# single-token styles\nwatercolor\nneon  # glowing\n\nmosaic\n")
-    ps = MixPrompt(params(mix=MixPromptParams(styles_file=str(tmp_path / "styles.txt"), k=1))).generate(
+    ps = MixPrompt(params(mix=repo_section("prompts.mix", styles_file=str(tmp_path / "styles.txt"), k=1))).generate(
         teacher, CLASSES, 4, gen())
     for i in range(len(ps.labels)):
         style, weight = ps.descriptions[i].split()
@@ -158,7 +158,7 @@ def test_random_prompt_samples_follow_the_fitted_gaussian(teacher):
     assert ((s.std(0) / std) - 1).abs().max() < 0.08
     corr = torch.corrcoef(s.t()) - torch.eye(s.shape[1])
     assert corr.abs().max() < 0.1                                # dimensions drawn independently
-    wide = RandomPrompt(params(random=RandomPromptParams(scale=2.0))).generate(teacher, CLASSES, 500, gen())
+    wide = RandomPrompt(params(random=repo_section("prompts.random", scale=2.0))).generate(teacher, CLASSES, 500, gen())
     assert (wide.s_star.std(0) / std).mean().item() == pytest.approx(2.0, rel=0.05)
     assert ps.descriptions[17] == "random #17" and ps.texts[0] == "a [random #0] style of a circle"
 
@@ -204,7 +204,7 @@ def test_memory_bank_is_a_fifo_of_fixed_size():
 
 
 def test_contrastive_prompt_loss_falls_as_prompts_spread_apart(teacher):
-    cp = ContrastivePromptParams(steps=40, lr=0.001, batch_size=12, bank_size=8)
+    cp = repo_section("prompts.contrastive", steps=40, lr=0.001, batch_size=12, bank_size=8)
     method = ContrastivePrompt(params(contrastive=cp))
     ps = method.generate(teacher, CLASSES, 8, gen())
     start = ContrastivePrompt(params(contrastive=dataclasses.replace(cp, steps=0))).generate(teacher, CLASSES, 8, gen())
@@ -223,17 +223,16 @@ def test_contrastive_prompt_loss_falls_as_prompts_spread_apart(teacher):
 
 def test_contrastive_prompt_leaves_the_teacher_untouched():
     torch.manual_seed(1)
-    p = TeacherParams(embed_dim=8, vision_width=4, text_width=16, text_layers=1, text_heads=1, context_length=16)
-    t = build_embedded_teacher(p, 16).eval()  # weights still require grad
+    t = tiny_clip(embed_dim=8, vision_width=4, text_width=16).eval()  # weights still require grad
     before = {k: v.clone() for k, v in t.state_dict().items()}
-    ContrastivePrompt(params(contrastive=ContrastivePromptParams(steps=3, batch_size=4))).generate(t, CLASSES, 2, gen())
+    ContrastivePrompt(params(contrastive=repo_section("prompts.contrastive", steps=3, batch_size=4))).generate(t, CLASSES, 2, gen())
     assert all(p.grad is None for p in t.parameters())
     assert all(torch.equal(before[k], v) for k, v in t.state_dict().items())
 
 
 # ---------------------------------------------------------------- every method
 
-FAST = params(contrastive=ContrastivePromptParams(steps=3, batch_size=5))
+FAST = params(contrastive=repo_section("prompts.contrastive", steps=3, batch_size=5))
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -299,10 +298,12 @@ def test_bad_prompt_params_fail_with_one_line(mutate, needle):
 
 
 def test_unknown_method_fails_with_one_line():
-    with pytest.raises(ValueError) as err:
-        build_method(params(method="fancy"))
+    r = yaml.safe_load((ROOT / "params.yaml").read_text())
+    r["prompts"]["method"] = "fancy"
+    with pytest.raises(ParamsError) as err:
+        parse_params(r)
     msg = str(err.value)
-    assert "unknown prompts.method 'fancy'" in msg and "contrastive" in msg and "\n" not in msg
+    assert "'prompts.method' is 'fancy'; choose one of " + ", ".join(METHODS) in msg and "\n" not in msg
 
 
 def test_empty_or_missing_style_dictionary_fails_with_one_line(tmp_path):
@@ -310,7 +311,7 @@ def test_empty_or_missing_style_dictionary_fails_with_one_line(tmp_path):
     empty.write_text("# only a comment\n\n   \n")
     for path, needle in [(empty, "is empty"), (tmp_path / "missing.txt", "not found")]:
         with pytest.raises(PipelineError) as err:
-            MixPrompt(params(mix=MixPromptParams(styles_file=str(path))))
+            MixPrompt(params(mix=repo_section("prompts.mix", styles_file=str(path))))
         msg = str(err.value)
         assert needle in msg and str(path) in msg and "\n" not in msg
     dup = tmp_path / "dup.txt"
@@ -319,7 +320,7 @@ def test_empty_or_missing_style_dictionary_fails_with_one_line(tmp_path):
         load_styles(dup)
     (tmp_path / "two.txt").write_text("neon\nmosaic\n")
     with pytest.raises(PipelineError, match="prompts.mix.k = 3"):
-        MixPrompt(params(mix=MixPromptParams(styles_file=str(tmp_path / "two.txt"), k=3)))
+        MixPrompt(params(mix=repo_section("prompts.mix", styles_file=str(tmp_path / "two.txt"), k=3)))
 
 
 # ---------------------------------------------------------------- diversity
@@ -343,12 +344,12 @@ def test_mean_pairwise_cosine_distance_hand_formula():
 def test_prompts_stage_writes_metrics(teacher, tmp_path, monkeypatch):
     r = yaml.safe_load((ROOT / "tests" / "tiny_params.yaml").read_text())
     r["world"]["classes"] = CLASSES
-    r["prompts"] = {"method": "mix", "per_class": 3}
+    r["prompts"].update(method="mix", per_class=3)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(r))
-    save_teacher(teacher, tmp_path / "teacher.pt")
+    save_clip(teacher, tmp_path / "clip.pt")
     sys.path.insert(0, str(ROOT / "stages"))
     monkeypatch.setattr(sys, "argv", ["prompts.py", "--params", str(tmp_path / "params.yaml"),
-                                      "--teacher", str(tmp_path / "teacher.pt"), "--out", str(tmp_path / "prompts")])
+                                      "--teacher", str(tmp_path / "clip.pt"), "--out", str(tmp_path / "prompts")])
     import prompts as stage  # stages/prompts.py
     try:
         stage.main()
@@ -364,14 +365,12 @@ def test_prompts_stage_writes_metrics(teacher, tmp_path, monkeypatch):
 def test_random_prompt_fit_words_fits_only_those_rows(tmp_path):
     import dataclasses
 
-    from clipdistill.params import PromptsParams, RandomPromptParams
     from clipdistill.prompts import RandomPrompt, fit_gaussian
 
     words = tmp_path / "words.txt"
     words.write_text("neon\nmosaic\n")
-    teacher = build_embedded_teacher(TeacherParams(embed_dim=16, vision_width=8, text_width=32, text_layers=1,
-                                                   text_heads=1), 32)
-    method = RandomPrompt(dataclasses.replace(PromptsParams(), random=RandomPromptParams(fit_words=str(words))))
+    teacher = tiny_clip(image_size=32)
+    method = RandomPrompt(repo_section("prompts", random=repo_section("prompts.random", fit_words=str(words))))
     ids = sorted({i for w in ("neon", "mosaic") for i in teacher._tokenizer.encode(w)})
     mean, std = fit_gaussian(teacher.model.token_embedding.weight[torch.tensor(ids)])
     s = method.generate(teacher, ["circle", "star"], 2000, torch.Generator().manual_seed(0)).s_star

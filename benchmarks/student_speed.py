@@ -13,8 +13,12 @@ Weights are random: speed does not depend on them.
   --setting real: open_clip ViT-B-32 image tower (random weights) at 224 px against a
       torchvision ResNet-18 student at 224 px (CnnStudent's projection head on a ResNet-18 trunk).
 
+--serving adds, for every model exported as the export stage does it (clipdistill/export.py), a
+serving table on the CPU: PyTorch and onnxruntime images/s at batch 1 and at --batch, and p50 /
+p99 latency of one image (--latency-calls calls).
+
 Run from the repo root, e.g.
-  python benchmarks/student_speed.py --setting embedded
+  python benchmarks/student_speed.py --setting embedded --serving
   python benchmarks/student_speed.py --setting real --device cuda
   python benchmarks/student_speed.py --setting embedded --batch 2 --reps 1   # smoke run
 The last line is the figure: `student/teacher speedup: N.Nx` (the CNN / ResNet-18 student).
@@ -28,8 +32,15 @@ import torch.nn.functional as F
 import torchvision
 from common import add_device_args, machine_line, resolve_device
 
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
 from clipdistill.clip_models import embedded_clip_from_params, load_open_clip
 from clipdistill.evaluation import count_parameters, gflops_per_image, images_per_second
+from clipdistill.export import ZeroShotClassifier, export_onnx
 from clipdistill.params import load_params
 from clipdistill.runtime import run_stage
 from clipdistill.prompt_students import PromptKDStudent
@@ -41,7 +52,7 @@ REAL_IMAGE_SIZE = 224
 def resnet18_student(class_vectors: torch.Tensor, logit_scale: float) -> CnnStudent:
     """CnnStudent with torchvision's ResNet-18 trunk (ImageNet stem, 512-d pooled feature) in place
     of the CIFAR-style backbone; same projection head, normalisation and cosine logits."""
-    student = CnnStudent(class_vectors, logit_scale, head="projection", width=128, depth=1)
+    student = CnnStudent(class_vectors, logit_scale, head="projection", width=128, depth=1, backbone="cifar_resnet")
     trunk = torchvision.models.resnet18(weights=None)
     trunk.fc = torch.nn.Identity()
     # width 128 gives the head a 4 * 128 = 512-d input, ResNet-18's pooled feature width.
@@ -51,8 +62,9 @@ def resnet18_student(class_vectors: torch.Tensor, logit_scale: float) -> CnnStud
 
 
 def build_models(args):
-    """(image size, [(name, module, fn on [B, 3, S, S] in [0, 1], parameters counted)]); teacher first,
-    the student of the final line second."""
+    """(image size, [(name, module, fn on [B, 3, S, S] in [0, 1], parameters counted, classifier)]);
+    teacher first, the student of the final line second. `classifier`: what the export stage
+    exports (images -> logits; the teacher's tower against class vectors)."""
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)  # the random weights
     if args.setting == "embedded":
@@ -68,21 +80,21 @@ def build_models(args):
                                                clip=small_clip, generator=gen)
         cnn_params = params.distill.cnn
         models = [(f"teacher: embedded CLIP image tower ({params.teacher.vision}, width {params.teacher.vision_width})",
-                   teacher, teacher.encode_image, count_parameters(teacher.model.visual)),
+                   teacher, teacher.encode_image, count_parameters(teacher.model.visual),
+                   ZeroShotClassifier(teacher, class_vectors)),
                   (f"student: CnnStudent (width {cnn_params.width}, depth {cnn_params.depth}, {cnn_params.head} head)",
-                   cnn, cnn,
-                   count_parameters(cnn)),
+                   cnn, cnn, count_parameters(cnn), cnn.classifier()),
                   (f"student: PromptKD over the student_clip tower (width {params.student_clip.vision_width})",
-                   promptkd, promptkd, count_parameters(promptkd))]
+                   promptkd, promptkd, count_parameters(promptkd), promptkd.classifier())]
     else:
         size = REAL_IMAGE_SIZE
         teacher = load_open_clip("ViT-B-32", "random")
         class_vectors = F.normalize(torch.randn(1000, teacher.embed_dim, generator=gen), dim=-1)
         student = resnet18_student(class_vectors, teacher.logit_scale)
         models = [("teacher: open_clip ViT-B-32 image tower", teacher, teacher.encode_image,
-                   count_parameters(teacher.model.visual)),
+                   count_parameters(teacher.model.visual), ZeroShotClassifier(teacher, class_vectors)),
                   ("student: ResNet-18 (torchvision) + projection head", student, student,
-                   count_parameters(student))]
+                   count_parameters(student), student.classifier())]
     return size, models
 
 
@@ -93,6 +105,8 @@ def main():
     parser.add_argument("--reps", type=int, default=5, help="timed calls after one warm-up call")
     parser.add_argument("--params", default="params.yaml", help="params file (embedded setting)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--serving", action="store_true", help="add PyTorch vs onnxruntime serving rows (CPU)")
+    parser.add_argument("--latency-calls", type=int, default=200, help="batch-1 calls timed for p50/p99 latency")
     add_device_args(parser)
     args = parser.parse_args()
     if min(args.batch, args.reps) < 1:
@@ -103,7 +117,7 @@ def main():
     size, models = build_models(args)
     print(f"setting {args.setting}: {size} px inputs, batch {args.batch}, {args.reps} timed calls, on {device}")
     rows = []
-    for name, module, fn, params in models:
+    for name, module, fn, params, _ in models:
         module.to(device).eval()
         gflops = gflops_per_image(fn, size, device)  # counts with MHA's fast path off; timing keeps it
         rows.append((name, params, gflops, images_per_second(fn, size, device, batch=args.batch, reps=args.reps)))
@@ -113,7 +127,47 @@ def main():
     print(f"{'model':<{width}} {'parameters':>12} {'GFLOPs/img':>11} {'images/s':>10} {'vs teacher':>11}")
     for name, params, gflops, rate in rows:
         print(f"{name:<{width}} {params:>12,} {gflops:>11.4f} {rate:>10.1f} {rate / teacher_rate:>10.1f}x")
+    if args.serving:
+        serving_table(models, size, args)
     print(f"student/teacher speedup: {rows[1][3] / teacher_rate:.1f}x")
+
+
+def latencies_ms(run, x, calls: int) -> np.ndarray:
+    """Milliseconds of each of `calls` calls of run(x), after two warm-up calls."""
+    run(x)
+    run(x)
+    out = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        run(x)
+        out.append((time.perf_counter() - start) * 1e3)
+    return np.array(out)
+
+
+def serving_table(models, size: int, args) -> None:
+    """PyTorch (CPU, no grad) and onnxruntime (CPU provider) rows for each exported classifier."""
+    import onnxruntime
+
+    print(f"serving on the CPU ({size} px): images/s at batch 1 and {args.batch}, latency of one image "
+          f"over {args.latency_calls} calls")
+    print(f"{'model':<44} {'runtime':<12} {'img/s b1':>9} {f'img/s b{args.batch}':>10} {'p50 ms':>8} {'p99 ms':>8}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, _, _, _, classifier in models:
+            classifier = classifier.cpu().eval()
+            path = Path(tmp) / "model.onnx"
+            export_onnx(classifier, path, size)
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            feed = session.get_inputs()[0].name
+            runtimes = {"pytorch": lambda x: classifier(torch.from_numpy(x)),
+                        "onnxruntime": lambda x: session.run(None, {feed: x})}
+            for runtime, run in runtimes.items():
+                with torch.no_grad():
+                    one = latencies_ms(run, np.random.rand(1, 3, size, size).astype(np.float32), args.latency_calls)
+                    batch = latencies_ms(run, np.random.rand(args.batch, 3, size, size).astype(np.float32),
+                                         args.reps)
+                print(f"{name.split(' (')[0]:<44} {runtime:<12} {1e3 / np.median(one):>9.1f} "
+                      f"{args.batch * 1e3 / batch.mean():>10.1f} {np.percentile(one, 50):>8.2f} "
+                      f"{np.percentile(one, 99):>8.2f}")
 
 
 if __name__ == "__main__":

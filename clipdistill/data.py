@@ -83,10 +83,10 @@ def load_domain_folder(root: str | Path, classes: list[str], size: int,
     return out
 
 
-def world_test_root(p, world_dir: str | Path) -> Path:
+def world_test_root(params, world_dir: str | Path) -> Path:
     """Where the evaluated `<domain>/<class>/*` images live: the rendered world's test split, or
     world.root for a PACS-style dataset (world.source folder)."""
-    return Path(p.world.root) if p.world.source == "folder" else Path(world_dir) / "test"
+    return Path(params.world.root) if params.world.source == "folder" else Path(world_dir) / "test"
 
 
 def load_captioned_split(split_dir: str | Path, size: int) -> tuple[torch.Tensor, list[str], list[str]]:

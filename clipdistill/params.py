@@ -186,6 +186,11 @@ class EvalParams:
 
 
 @dataclass(frozen=True)
+class ExportParams:
+    parity_images: int
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     device: str
@@ -200,6 +205,7 @@ class Params:
     student_clip: ClipParams
     distill: DistillParams
     eval: EvalParams
+    export: ExportParams
 
 
 # Keys that pick among implementations: the allowed values are the names of the registry that
@@ -239,7 +245,7 @@ POSITIVE = {
     "prompts.contrastive.batch_size", "synthesize.batch_size", "synthesize.shard_size", "synthesize.steps",
     "synthesize.cutn", "distill.epochs", "distill.batch_size", "distill.cnn.width", "distill.cnn.depth",
     "distill.temperature", "eval.batch_size", "eval.speed_batch", "distill.kdpl.topk", "distill.kd_weight",
-    "distill.kdpl.n_ctx",
+    "distill.kdpl.n_ctx", "export.parity_images",
 }
 # Sizes of the embedded CLIPs' towers (teacher, student_clip), all > 0.
 _CLIP_SIZES = ("embed_dim", "vision_width", "vision_layers", "vision_heads", "patch_size", "text_width",

@@ -60,9 +60,9 @@ class VitPrompts(nn.Module):
         self.out_dim = visual.proj.shape[1] if visual.proj is not None else width
 
     def _with_prompts(self, x: torch.Tensor, layer: int, replace: bool) -> torch.Tensor:
-        p = self.prompts[layer].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        prompts = self.prompts[layer].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
         rest = x[:, 1 + self.n_prompts:] if replace else x[:, 1:]
-        return torch.cat([x[:, :1], p, rest], dim=1)
+        return torch.cat([x[:, :1], prompts, rest], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v = self.visual
@@ -229,8 +229,8 @@ class PromptKDStudent(_FrozenClipStudent):
     frozen_prefixes = ("encoder.visual.",)
     frozen_module = "encoder.visual"
 
-    def __init__(self, clip, class_vectors: torch.Tensor, logit_scale: float, n_prompts: int = 4,
-                 prompt_depth: int = 9, image_size: int | None = None, spec: dict | None = None, generator=None):
+    def __init__(self, clip, class_vectors: torch.Tensor, logit_scale: float, *, n_prompts: int, prompt_depth: int,
+                 image_size: int | None = None, spec: dict | None = None, generator=None):
         super().__init__()
         model, spec, image_size, _ = _unwrap(clip, spec, image_size, None)
         self._init_io(image_size)
@@ -257,6 +257,10 @@ class PromptKDStudent(_FrozenClipStudent):
         """From `distill.promptkd` (n_prompts, prompt_depth) over the smaller CLIP `clip`."""
         return cls(clip, class_vectors, logit_scale, n_prompts=section.n_prompts, prompt_depth=section.prompt_depth,
                    generator=generator)
+
+    def classifier(self) -> nn.Module:
+        """For export: itself (prompts and projector are weights, class vectors a buffer)."""
+        return self
 
     def _config(self) -> dict:
         return {"class_vectors": self.class_vectors, "logit_scale": self.logit_scale, "n_prompts": self.n_prompts,
@@ -294,8 +298,8 @@ class KDPLStudent(_FrozenClipStudent):
     frozen_prefixes = ("clip.", "encoder.visual.")
     frozen_module = "clip"
 
-    def __init__(self, clip, classnames: list[str], n_ctx: int = 4, ctx_init: str = "a photo of a",
-                 n_prompts: int = 0, prompt_depth: int = 1, image_size: int | None = None,
+    def __init__(self, clip, classnames: list[str], *, n_ctx: int, ctx_init: str, n_prompts: int, prompt_depth: int,
+                 image_size: int | None = None,
                  context_length: int | None = None, spec: dict | None = None, generator=None):
         super().__init__()
         model, spec, image_size, context_length = _unwrap(clip, spec, image_size, context_length)
@@ -341,6 +345,12 @@ class KDPLStudent(_FrozenClipStudent):
                 "n_prompts": self.encoder.n_prompts, "prompt_depth": self.encoder.depth,
                 "context_length": self.tokenizer.context_length}
 
+    @torch.no_grad()
+    def classifier(self) -> nn.Module:
+        """For export: the prompted image tower against its learned text features, computed once
+        for the current classes (the text tower is not needed at inference)."""
+        return FixedTextClassifier(self, self.text_features())
+
     def set_classes(self, classes: list[str], class_vectors: torch.Tensor) -> None:
         """Point the student at `classes` (base, novel, or back from the KDPL-CA dictionary)."""
         self.set_classnames(classes)
@@ -373,6 +383,24 @@ class KDPLStudent(_FrozenClipStudent):
     def forward(self, images: torch.Tensor, class_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, K] over `class_ids` (LongTensor [K]) or over every class name."""
         return self.logit_scale * self.image_features(images) @ self.text_features(class_ids).t()
+
+
+class FixedTextClassifier(nn.Module):
+    """A KDPL student with its text features frozen: logit_scale * cos(image feature, text feature).
+    [B, 3, H, W] in [0, 1] -> [B, C]; the same logits as the student's forward over all classes."""
+
+    def __init__(self, student: KDPLStudent, text_features: torch.Tensor):
+        super().__init__()
+        self.encoder = student.encoder
+        self.image_size = student.image_size
+        self.register_buffer("mean", student.mean.clone())
+        self.register_buffer("std", student.std.clone())
+        self.register_buffer("text_features", text_features.detach().clone())
+        self.logit_scale = student.logit_scale
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feats = F.normalize(self.encoder(clip_preprocess(images, self.image_size, self.mean, self.std)), dim=-1)
+        return self.logit_scale * feats @ self.text_features.t()
 
 
 def select_topk_classes(teacher_probs: torch.Tensor, k: int) -> torch.Tensor:

@@ -44,7 +44,7 @@ class ResNetBackbone(nn.Module):
     ResNet-18 through the same interface.
     """
 
-    def __init__(self, width: int = 32, depth: int = 2):
+    def __init__(self, width: int, depth: int):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         layers, cin = [], width
@@ -92,9 +92,8 @@ class CnnStudent(nn.Module):
 
     kind = "cnn"
 
-    def __init__(self, class_vectors: torch.Tensor, logit_scale: float, head: str = "projection",
-                 width: int = 32, depth: int = 2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                 backbone: str = "cifar_resnet"):
+    def __init__(self, class_vectors: torch.Tensor, logit_scale: float, *, head: str, width: int, depth: int,
+                 backbone: str, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)):
         super().__init__()
         self.backbone_name, self.width, self.depth = backbone, width, depth
         self.backbone = BACKBONES[backbone](width, depth)
@@ -124,6 +123,10 @@ class CnnStudent(nn.Module):
         """From `distill.cnn` (backbone, head, width, depth); trained from scratch, no CLIP."""
         return cls(class_vectors, logit_scale, head=section.head, width=section.width, depth=section.depth,
                    backbone=section.backbone)
+
+    def classifier(self) -> nn.Module:
+        """The student as a standalone classifier for export: itself (everything is weights)."""
+        return self
 
     def set_classes(self, classes: list[str], class_vectors: torch.Tensor) -> None:
         """Score `classes` by their teacher class vectors [C', D] (projection head only)."""

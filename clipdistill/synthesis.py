@@ -66,8 +66,7 @@ def spherical_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).norm(dim=-1).div(2).clamp(max=1).arcsin().pow(2).mul(2)
 
 
-def make_cutouts(images: torch.Tensor, cutn: int, cut_size: int, *, cut_pow: float = 1.0,
-                 min_cut: float = 0.5, augment: bool = True,
+def make_cutouts(images: torch.Tensor, cutn: int, cut_size: int, *, cut_pow: float, min_cut: float, augment: bool,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Random square crops of every image, resized to the teacher's input size.
 

@@ -56,8 +56,8 @@ def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     per_rank = batch_size // dist.processes
     mine = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = OPTIMIZERS[optimizer](params, lr=lr, weight_decay=weight_decay)
+    trainable = [param for param in student.parameters() if param.requires_grad]
+    opt = OPTIMIZERS[optimizer](trainable, lr=lr, weight_decay=weight_decay)
     batches = EpochOrder(images.shape[0], batch_size, generator)
     total = epochs * batches.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, batches.steps_per_epoch))

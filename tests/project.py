@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["world", "teacher", "student_clip", "generator", "prompts", "text_features", "synthesize", "distill", "evaluate"]
+STAGES = ["world", "teacher", "student_clip", "generator", "prompts", "text_features", "synthesize", "distill", "evaluate",
+          "export"]
 
 
 def run(cmd, cwd, check=True):

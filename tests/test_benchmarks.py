@@ -60,6 +60,7 @@ def test_student_speed_benchmark_reports_student_over_teacher_rate():
     # The CNN student's parameter count, as the distill stage would build it from these params.
     params = load_params(ROOT / "tests" / "tiny_params.yaml")
     cnn = CnnStudent(torch.randn(len(params.world.classes), params.teacher.embed_dim), 1.0,
-                     head=params.distill.cnn.head, width=params.distill.cnn.width, depth=params.distill.cnn.depth)
+                     head=params.distill.cnn.head, width=params.distill.cnn.width, depth=params.distill.cnn.depth,
+                     backbone=params.distill.cnn.backbone)
     assert int(rows[1].split()[-4].replace(",", "")) == count_parameters(cnn)
     assert figure(lines[-1], "student/teacher speedup") == pytest.approx(rates[1] / rates[0], abs=0.06)

@@ -42,11 +42,15 @@ def images(n=4, size=20, seed=2):
 
 
 def promptkd(tower, n_prompts=2, depth=2):
-    return PromptKDStudent(tiny_clip(tower), class_vectors(), 100.0, n_prompts, depth, generator=gen())
+    return PromptKDStudent(tiny_clip(tower), class_vectors(), 100.0, n_prompts=n_prompts, prompt_depth=depth,
+                           generator=gen())
+
+
+KDPL = {"n_ctx": 4, "ctx_init": "a photo of a", "n_prompts": 0, "prompt_depth": 0}  # text context only
 
 
 def kdpl(tower, **kw):
-    return KDPLStudent(tiny_clip(tower), CLASSES, generator=gen(), **kw)
+    return KDPLStudent(tiny_clip(tower), CLASSES, generator=gen(), **{**KDPL, **kw})
 
 
 def nudge(student):
@@ -226,7 +230,7 @@ def test_promptkd_training_keeps_class_vectors_and_frozen_tower_bit_identical(to
 def test_untrained_kdpl_student_is_zero_shot_clip(tower):
     """ctx initialised from 'a photo of a' reproduces encode_text('a photo of a {class}.')."""
     clip = tiny_clip(tower)
-    student = KDPLStudent(clip, CLASSES).eval()
+    student = KDPLStudent(clip, CLASSES, **KDPL).eval()
     x = images(2)
     with torch.no_grad():
         ref_txt = clip.encode_text([f"a photo of a {c}." for c in CLASSES])
@@ -260,8 +264,8 @@ def test_kdpl_class_names_and_context_options():
     assert student(images(2)).shape == (2, 2) and torch.equal(student.ctx, ctx)
     assert student.tokens.shape == (2, 16)
     with pytest.raises(ValueError, match="tokens"):
-        KDPLStudent(tiny_clip("conv"), CLASSES, n_ctx=3, ctx_init="a photo of a")
-    rand = KDPLStudent(tiny_clip("conv"), CLASSES, n_ctx=6, ctx_init="", generator=gen())
+        KDPLStudent(tiny_clip("conv"), CLASSES, **{**KDPL, "n_ctx": 3})
+    rand = KDPLStudent(tiny_clip("conv"), CLASSES, **{**KDPL, "n_ctx": 6, "ctx_init": ""}, generator=gen())
     assert rand.ctx.shape == (6, 32) and rand.ctx.std() < 0.05
     assert rand(images(2)).shape == (2, len(CLASSES))
 
@@ -298,7 +302,7 @@ def test_bad_prompt_student_checkpoints(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(PipelineError, match="unreadable"):
         load_student(tmp_path / "garbage.pt")
-    save_student(CnnStudent(class_vectors(), 100.0, width=4, depth=1), tmp_path / "cnn.pt")
+    save_student(CnnStudent(class_vectors(), 100.0, head="projection", width=4, depth=1, backbone="cifar_resnet"), tmp_path / "cnn.pt")
     with pytest.raises(PipelineError, match="holds a 'cnn' student, not promptkd"):
         load_student(tmp_path / "cnn.pt", kind="promptkd")
     save_student(promptkd("conv"), tmp_path / "s.pt")

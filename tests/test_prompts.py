@@ -363,8 +363,6 @@ def test_prompts_stage_writes_metrics(teacher, tmp_path, monkeypatch):
 
 
 def test_random_prompt_fit_words_fits_only_those_rows(tmp_path):
-    import dataclasses
-
     from clipdistill.prompts import RandomPrompt, fit_gaussian
 
     words = tmp_path / "words.txt"

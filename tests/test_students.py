@@ -9,7 +9,7 @@ from clipdistill.students import CnnStudent, load_student, save_student
 @pytest.mark.parametrize("head", ["projection", "linear"])
 def test_student_logits_shape_and_round_trip(tmp_path, head, gen):
     vectors = F.normalize(torch.randn(5, 12, generator=gen), dim=-1)
-    s = CnnStudent(vectors, 50.0, head=head, width=8, depth=1).eval()
+    s = CnnStudent(vectors, 50.0, head=head, width=8, depth=1, backbone="cifar_resnet").eval()
     x = torch.rand(3, 3, 16, 16, generator=gen)
     out = s(x)
     assert out.shape == (3, 5)
@@ -19,7 +19,7 @@ def test_student_logits_shape_and_round_trip(tmp_path, head, gen):
 
 def test_projection_head_classifies_against_the_stored_vectors(gen):
     vectors = F.normalize(torch.randn(4, 12, generator=gen), dim=-1)
-    s = CnnStudent(vectors, 100.0, width=8, depth=1).eval()
+    s = CnnStudent(vectors, 100.0, head="projection", width=8, depth=1, backbone="cifar_resnet").eval()
     x = torch.rand(2, 3, 16, 16, generator=gen)
     feats = F.normalize(s.head(s.backbone((x - s.mean) / s.std)), dim=-1)
     assert torch.allclose(s(x), 100.0 * feats @ vectors.t(), atol=1e-5)
@@ -35,7 +35,7 @@ def test_bad_student_checkpoint(tmp_path):
 
 def test_resnet18_student_is_torchvisions_and_round_trips(tmp_path, gen):
     vectors = F.normalize(torch.randn(3, 16, generator=gen), dim=-1)
-    s = CnnStudent(vectors, 100.0, backbone="resnet18").eval()
+    s = CnnStudent(vectors, 100.0, head="projection", width=0, depth=0, backbone="resnet18").eval()
     # torchvision's ResNet-18 has 11,689,512 parameters, 513,000 of them in the ImageNet classifier we drop
     assert sum(p.numel() for p in s.backbone.parameters()) == 11_689_512 - 513_000
     x = torch.rand(2, 3, 64, 64, generator=gen)

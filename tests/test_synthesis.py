@@ -46,16 +46,17 @@ def test_spherical_distance_limits(gen):
 @pytest.mark.parametrize("augment", [True, False])
 def test_cutouts_shape_and_range(augment, gen):
     img = torch.rand(1, 3, 32, 32, generator=gen)
-    cuts = make_cutouts(img, cutn=6, cut_size=24, augment=augment, generator=gen)
+    cuts = make_cutouts(img, cutn=6, cut_size=24, cut_pow=1.0, min_cut=0.5, augment=augment, generator=gen)
     assert cuts.shape == (1, 6, 3, 24, 24)
     assert cuts.min() >= 0 and cuts.max() <= 1
-    batch = make_cutouts(torch.rand(3, 3, 32, 32, generator=gen), cutn=4, cut_size=16, generator=gen)
+    batch = make_cutouts(torch.rand(3, 3, 32, 32, generator=gen), cutn=4, cut_size=16, cut_pow=1.0, min_cut=0.5,
+                          augment=True, generator=gen)
     assert batch.shape == (3, 4, 3, 16, 16)
 
 
 def test_full_size_cutout_without_augment_is_the_image(gen):
     img = torch.rand(2, 3, 16, 16, generator=gen)
-    cuts = make_cutouts(img, cutn=2, cut_size=16, min_cut=1.0, augment=False, generator=gen)
+    cuts = make_cutouts(img, cutn=2, cut_size=16, cut_pow=1.0, min_cut=1.0, augment=False, generator=gen)
     assert torch.allclose(cuts[:, 0], img, atol=1e-5)
 
 

@@ -1,0 +1,114 @@
+"""Students, and the teacher's image tower, as standalone image classifiers another program can run.
+
+Each becomes a module from images [B, 3, S, S] in [0, 1] to logits [B, C] with everything learned
+folded into fixed weights (prompts, contexts, KDPL's text features computed once), saved as ONNX
+(dynamic batch) and as a `torch.export` program, with a JSON card: class names, input size,
+mean and std (applied inside the model), and how it was made. `parity` checks an exported file
+against the PyTorch module on real images.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .clip_models import ClipModel, clip_preprocess
+from .runtime import PipelineError
+
+ONNX_OPSET = 17
+MAX_ABS_DIFF = 1e-4      # export parity: logits may differ by at most this much
+MIN_ARGMAX_AGREEMENT = 0.999  # and the top class must agree on at least this share of images
+
+
+class ZeroShotClassifier(nn.Module):
+    """A CLIP image tower scored against fixed class vectors: logit_scale * cos(feature, vector).
+
+    The teacher's classifier, as the pipeline evaluates it (stored class vectors); only the image
+    tower is kept. [B, 3, S, S] in [0, 1] -> [B, C]."""
+
+    def __init__(self, clip: ClipModel, class_vectors: torch.Tensor):
+        super().__init__()
+        self.visual = clip.model.visual
+        self.image_size = clip.image_size
+        self.register_buffer("mean", clip.mean.clone())
+        self.register_buffer("std", clip.std.clone())
+        self.register_buffer("class_vectors", class_vectors.detach().float().clone())
+        self.logit_scale = clip.logit_scale
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feats = F.normalize(self.visual(clip_preprocess(images, self.image_size, self.mean, self.std)), dim=-1)
+        return self.logit_scale * feats @ self.class_vectors.t()
+
+
+def card(model: nn.Module, classes: list[str], image_size: int, made_by: dict) -> dict:
+    """The JSON beside an exported classifier (what `clipdistill.predict` reads)."""
+    return {"classes": list(classes),
+            "input": {"size": image_size, "layout": "NCHW", "range": [0, 1], "resize": f"bicubic to {image_size} x "
+                      f"{image_size}", "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
+                      "normalised_by_model": True},
+            "outputs": "logits",
+            "made_by": made_by}
+
+
+def export_onnx(model: nn.Module, path: Path, image_size: int) -> None:
+    """ONNX (opset 17) with a dynamic batch: input `images`, output `logits`, one self-contained file."""
+    example = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(model.eval(), (example,), dynamo=True, input_names=["images"],
+                                output_names=["logits"], dynamic_shapes=({0: batch},),
+                                opset_version=ONNX_OPSET, verbose=False)
+    program.save(str(path), external_data=False)
+
+
+def export_program(model: nn.Module, path: Path, image_size: int) -> None:
+    """A `torch.export` program (`torch.export.load(path).module()` runs it, no clipdistill needed)."""
+    example = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(program, str(path))
+
+
+def onnx_logits(path: Path, images: torch.Tensor, batch_size: int) -> np.ndarray:
+    """Logits [N, C] of an ONNX classifier under onnxruntime on uint8 images [N, 3, S, S]."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: images[i:i + batch_size].float().div(255).numpy()})[0]
+                           for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def torch_logits(model, images: torch.Tensor, batch_size: int) -> np.ndarray:
+    return torch.cat([model(images[i:i + batch_size].float().div(255)) for i in range(0, len(images), batch_size)]
+                     ).numpy()
+
+
+def parity(reference: np.ndarray, exported: np.ndarray, what: str) -> dict:
+    """{max_abs_diff, argmax_agreement, images} of exported logits against PyTorch's; a PipelineError
+    when they break MAX_ABS_DIFF or MIN_ARGMAX_AGREEMENT (the file must not be used)."""
+    result = {"max_abs_diff": float(np.abs(reference - exported).max()),
+              "argmax_agreement": float((reference.argmax(1) == exported.argmax(1)).mean()),
+              "images": int(len(reference))}
+    if result["max_abs_diff"] > MAX_ABS_DIFF or result["argmax_agreement"] < MIN_ARGMAX_AGREEMENT:
+        raise PipelineError(f"{what} does not match PyTorch: max |logit diff| {result['max_abs_diff']:.2e} "
+                            f"(limit {MAX_ABS_DIFF}), argmax agreement {result['argmax_agreement']:.4f} "
+                            f"(at least {MIN_ARGMAX_AGREEMENT})")
+    return result
+
+
+def export_classifier(model: nn.Module, out: Path, name: str, classes: list[str], image_size: int, made_by: dict,
+                      images: torch.Tensor, batch_size: int) -> dict:
+    """Write <name>.onnx, <name>.pt2 and <name>.json to `out` and check both files against `model`
+    on uint8 `images`; returns the parity figures."""
+    model = model.cpu().eval()
+    export_onnx(model, out / f"{name}.onnx", image_size)
+    export_program(model, out / f"{name}.pt2", image_size)
+    (out / f"{name}.json").write_text(json.dumps(card(model, classes, image_size, made_by), indent=2) + "\n")
+    reference = torch_logits(model, images, batch_size)
+    program = torch.export.load(str(out / f"{name}.pt2")).module()
+    return {"onnx": parity(reference, onnx_logits(out / f"{name}.onnx", images, batch_size), f"{name}.onnx"),
+            "torch_export": parity(reference, torch_logits(program, images, batch_size), f"{name}.pt2")}

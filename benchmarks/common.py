@@ -7,9 +7,15 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+# This checkout's package first (as the stage scripts do): another clone's editable install must
+# not be what a benchmark measures. Every benchmark imports this module before clipdistill.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clipdistill.runtime import setup_torch
 

@@ -31,6 +31,12 @@ def multi_positive_clip_loss(img: torch.Tensor, txt: torch.Tensor, token_ids: to
     return 0.5 * (loss_i + loss_t)
 
 
+def clip_lr_factor(total: int):
+    """The LambdaLR factor of step s out of `total`: warm-up over the first 5 % of steps."""
+    warmup = max(1, total // 20)
+    return lambda s: clip_warmup_cosine(s, total, warmup)
+
+
 def train_clip(clip: ClipModel, images: torch.Tensor, captions: list[str], *, epochs: int,
                   batch_size: int, lr: float, weight_decay: float, generator: torch.Generator,
                   device: torch.device, checkpoints: Checkpoints | None = None, desc: str = "clip") -> list[float]:
@@ -48,8 +54,7 @@ def train_clip(clip: ClipModel, images: torch.Tensor, captions: list[str], *, ep
                              {"params": params_other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     batches = EpochOrder(images.shape[0], batch_size, generator)
     total = epochs * batches.steps_per_epoch
-    warmup = max(1, total // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: clip_warmup_cosine(s, total, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, clip_lr_factor(total))
 
     def step(i: int) -> float:
         idx = batches.batch(i)

@@ -167,6 +167,7 @@ class DistillParams:
     weight_decay: float
     optimizer: str
     augment: bool
+    holdout_images: int
     cnn: CnnStudentParams
     promptkd: PromptKDStudentParams
     kdpl: KDPLStudentParams
@@ -254,7 +255,7 @@ POSITIVE |= {f"{section}.{key}" for section in ("teacher", "student_clip") for k
 # Learning rates and other step sizes: a zero or negative one trains nothing or climbs the loss.
 POSITIVE |= {"generator.lr", "generator.ch", "synthesize.lr", "distill.lr"}
 NON_NEGATIVE = {"teacher.checkpoint_every", "student_clip.checkpoint_every", "generator.checkpoint_every",
-                "distill.checkpoint_every", "prompts.contrastive.bank_size", "prompts.contrastive.content_weight",
+                "distill.checkpoint_every", "distill.holdout_images", "prompts.contrastive.bank_size", "prompts.contrastive.content_weight",
                 "distill.promptkd.n_prompts", "distill.promptkd.prompt_depth", "distill.kdpl.n_prompts",
                 "distill.kdpl.prompt_depth", "seed", "threads", "teacher.weight_decay",
                 "student_clip.weight_decay", "distill.weight_decay", "generator.num_res_blocks", "synthesize.cut_pow"}

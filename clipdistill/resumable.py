@@ -214,12 +214,15 @@ class EpochOrder:
 
 
 def run_steps(step_fn: Callable[[int], float], total: int, *, state: dict, generators: list[torch.Generator],
-              checkpoints: Checkpoints | None = None, desc: str, progress: bool = True) -> list[float]:
+              checkpoints: Checkpoints | None = None, desc: str, progress: bool = True,
+              after_step: Callable[[int], None] | None = None) -> list[float]:
     """Call `step_fn(step) -> loss` for step = 0 .. total-1, resuming from the newest checkpoint.
 
     `state` maps names to objects with state_dict()/load_state_dict() (modules, optimisers,
     schedulers, EpochOrder, TensorState); with every RNG in `rng_state` and the losses so far they
-    make a checkpoint. `progress`: show a bar (False on every rank but 0). Returns the loss of every step, resumed ones included.
+    make a checkpoint. `progress`: show a bar (False on every rank but 0). `after_step(step)` runs
+    after each step, before its checkpoint (what it records belongs in `state`). Returns the loss
+    of every step, resumed ones included.
     """
     checkpoints = checkpoints or Checkpoints(None, 0)
     losses: list[float] = []
@@ -234,6 +237,8 @@ def run_steps(step_fn: Callable[[int], float], total: int, *, state: dict, gener
     bar = tqdm(total=total, initial=start, desc=desc, disable=None if progress else True)
     for step in range(start, total):
         losses.append(step_fn(step))
+        if after_step is not None:
+            after_step(step)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         bar.update(1)
         if checkpoints.due(step + 1, total):

@@ -14,7 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .augment import student_augment
-from .resumable import Checkpoints, EpochOrder, TrainableState, run_steps
+from .resumable import Checkpoints, EpochOrder, TensorState, TrainableState, run_steps
 from .runtime import Dist, PipelineError, autocast
 from .schedules import cosine_lr
 
@@ -35,7 +35,8 @@ def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss
             epochs: int, batch_size: int, lr: float, weight_decay: float, augment: bool, optimizer: str = "adamw",
             generator: torch.Generator, device: torch.device, student_step=None,
             amp_dtype: torch.dtype | None = None, dist: Dist = Dist(),
-            checkpoints: Checkpoints | None = None) -> list[float]:
+            checkpoints: Checkpoints | None = None,
+            holdout: torch.Tensor | None = None) -> tuple[list[float], list[float]]:
     """Train `student` to match `teacher_logits(x) -> [B, C]` on uint8 `images` [N, 3, H, W].
 
     AdamW (or SGD with momentum 0.9, `optimizer="sgd"`, as CoOp, KDPL and PromptKD train prompts)
@@ -44,7 +45,9 @@ def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss
     `model(x)` when the student decides which classes a step scores (KDPL-CA's top-K); `model` is
     the student, DDP-wrapped under torchrun. Forward passes run under autocast at `amp_dtype`
     (None: fp32); the loss is fp32. `checkpoints` makes the run resumable (`resumable.run_steps`).
-    Returns per-step losses (averaged over ranks); `epoch_losses` turns them into per-epoch means.
+    `holdout`: uint8 images kept out of `images`, on which the student's top class is compared
+    with the teacher's after every epoch. Returns (per-step losses averaged over ranks, per-epoch
+    agreement on `holdout`, empty without it); `epoch_losses` turns the losses into epoch means.
     """
     student.to(device).train()
     model = student
@@ -55,7 +58,7 @@ def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     per_rank = batch_size // dist.processes
-    mine = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
+    rank_slice = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
     trainable = [param for param in student.parameters() if param.requires_grad]
     opt = OPTIMIZERS[optimizer](trainable, lr=lr, weight_decay=weight_decay)
     batches = EpochOrder(images.shape[0], batch_size, generator)
@@ -66,7 +69,7 @@ def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss
         x = images[batches.batch(i)].float().div(255)
         if augment:
             x = student_augment(x, generator)
-        x = x[mine].to(device)
+        x = x[rank_slice].to(device)
         with autocast(device, amp_dtype):
             with torch.no_grad():
                 t = teacher_logits(x)
@@ -78,11 +81,35 @@ def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss
         sched.step()
         return _rank_mean(loss.detach(), dist)
 
-    losses = run_steps(step, total, state={"student": TrainableState(student), "optimizer": opt, "scheduler": sched,
-                                           "batches": batches},
-                       generators=[generator], checkpoints=checkpoints, desc="distill", progress=dist.main)
+    agreement = TensorState(torch.full((epochs,), float("nan"), dtype=torch.float64))
+
+    def after_step(i: int) -> None:
+        if holdout is not None and (i + 1) % batches.steps_per_epoch == 0:
+            agreement.tensor[(i + 1) // batches.steps_per_epoch - 1] = top1_agreement(
+                student, teacher_logits, holdout, batch_size, device, amp_dtype)
+
+    state = {"student": TrainableState(student), "optimizer": opt, "scheduler": sched, "batches": batches,
+             "agreement": agreement}
+    losses = run_steps(step, total, state=state, generators=[generator], checkpoints=checkpoints, desc="distill",
+                       progress=dist.main, after_step=after_step)
     student.eval()
-    return losses
+    return losses, agreement.tensor.tolist() if holdout is not None else []
+
+
+@torch.no_grad()
+def top1_agreement(student, teacher_logits, images: torch.Tensor, batch_size: int, device: torch.device,
+                   amp_dtype: torch.dtype | None = None) -> float:
+    """Share of uint8 `images` on which the student's top class is the teacher's (eval mode for the
+    measurement, then back to the mode it was in)."""
+    was_training = student.training
+    student.eval()
+    same = 0
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].float().div(255).to(device)
+        with autocast(device, amp_dtype):
+            same += int((student(x).argmax(-1) == teacher_logits(x).argmax(-1)).sum())
+    student.train(was_training)
+    return same / max(1, len(images))
 
 
 def epoch_losses(losses: list[float], epochs: int) -> list[float]:

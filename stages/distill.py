@@ -13,6 +13,9 @@ Under torchrun (`torchrun --nproc_per_node N stages/distill.py ...`) the student
 DistributedDataParallel, distill.batch_size being the global batch; rank 0 writes the output.
 Training saves its state every distill.checkpoint_every steps in artifacts/.student.work/<key>/
 (rank 0 writes, every rank resumes); a rerun after a kill resumes from there.
+<out>/live/ is the main student's dvclive log, per epoch: loss, lr and, with
+distill.holdout_images > 0, top-1 agreement with the teacher on that many images kept out of
+training (evenly spaced).
 """
 import sys
 from pathlib import Path
@@ -26,6 +29,7 @@ import torch
 
 from clipdistill.clip_models import load_clip
 from clipdistill.data import load_shards, load_unlabeled_folder
+from clipdistill.live import LIVE_DIR, write_curves
 from clipdistill.losses import get_loss
 from clipdistill.params import load_params
 from clipdistill.prompt_students import class_agnostic_logits, load_classnames
@@ -35,6 +39,7 @@ from clipdistill.runtime import (Dist, PipelineError, atomic_dir, channels_last,
 from clipdistill.students import STUDENTS, save_student
 from clipdistill.text import class_vectors as text_class_vectors
 from clipdistill.text import load_class_vectors
+from clipdistill.schedules import cosine_lr
 from clipdistill.training import distill, epoch_losses
 
 # KDPL-CA scores thousands of dictionary names: one template keeps that a single text pass.
@@ -51,10 +56,21 @@ def training_images(params, args) -> tuple[torch.Tensor, torch.Tensor]:
     return load_unlabeled_folder(root, list(params.world.classes), params.world.image_size)
 
 
+def split_holdout(images: torch.Tensor, labels: torch.Tensor, n: int):
+    """(train images, train labels, held-out images): `n` evenly spaced images kept out of training."""
+    if n == 0:
+        return images, labels, None
+    if n > len(images) // 2:
+        raise PipelineError(f"distill.holdout_images is {n}, more than half of the {len(images)} training images")
+    out = torch.zeros(len(images), dtype=torch.bool)
+    out[torch.linspace(0, len(images) - 1, n).round().long()] = True
+    return images[~out], labels[~out], images[out]
+
+
 def train_student(params, classes, vectors, images, teacher, small_clip, generator, device,
-                  checkpoints: Checkpoints, dist: Dist = Dist()):
+                  checkpoints: Checkpoints, dist: Dist = Dist(), holdout: torch.Tensor | None = None):
     """One student over `classes` (teacher class vectors `vectors` [C, D]) on `images`; returns
-    (student on CPU, per-step losses)."""
+    (student on CPU, per-step losses, per-epoch agreement on `holdout`)."""
     kind = params.distill.student
     student = STUDENTS[kind].from_params(getattr(params.distill, kind), class_vectors=vectors.cpu(),
                                          logit_scale=teacher.logit_scale, classes=classes, clip=small_clip,
@@ -77,15 +93,26 @@ def train_student(params, classes, vectors, images, teacher, small_clip, generat
         teacher_logits = lambda x: student.logit_scale * teacher.encode_image(x) @ target.t()  # noqa: E731
     else:
         teacher_logits = lambda x: teacher.logits(x, vectors)  # noqa: E731
-    losses = distill(student, teacher_logits, images, get_loss(params.distill.loss, params.distill.kd_weight),
+    losses, agreement = distill(student, teacher_logits, images, get_loss(params.distill.loss, params.distill.kd_weight),
                      temperature=params.distill.temperature, epochs=params.distill.epochs,
                      batch_size=params.distill.batch_size, lr=params.distill.lr,
                      weight_decay=params.distill.weight_decay, augment=params.distill.augment,
                      optimizer=params.distill.optimizer, generator=generator, device=device,
                      student_step=student_step, amp_dtype=resolve_precision(params.precision, device), dist=dist,
-                     checkpoints=checkpoints)
+                     checkpoints=checkpoints, holdout=holdout)
     student.set_classes(classes, vectors.cpu())  # KDPL-CA: back from the dictionary to the task's classes
-    return student.cpu(), losses
+    return student.cpu(), losses, agreement
+
+
+def epoch_curves(params, losses: list[float], agreement: list[float]) -> dict[str, list[float]]:
+    """Per-epoch loss, learning rate (at the epoch's last step) and holdout agreement, for live/."""
+    steps_per_epoch = len(losses) // params.distill.epochs
+    curves = {"loss": epoch_losses(losses, params.distill.epochs),
+              "lr": [params.distill.lr * cosine_lr((e + 1) * steps_per_epoch - 1, len(losses), steps_per_epoch)
+                     for e in range(params.distill.epochs)]}
+    if agreement:
+        curves["holdout_agreement"] = agreement
+    return curves
 
 
 def main():
@@ -93,7 +120,7 @@ def main():
     params = load_params(args.params)
     dist, device = init_distributed(setup_torch(params.device, params.threads))
     generator = seed_everything(params.seed)
-    images, labels = training_images(params, args)
+    images, labels, holdout = split_holdout(*training_images(params, args), params.distill.holdout_images)
     teacher = load_clip(args.teacher, device)
     small_clip = load_clip(args.student_clip, device) if params.distill.student != "cnn" else None
     stored = load_class_vectors(args.text_features)
@@ -105,9 +132,10 @@ def main():
         args.out, {"distill": asdict(params.distill), "seed": params.seed, "threads": params.threads,
                    "device": params.device, "precision": params.precision, "processes": dist.processes},
         inputs, params.distill.checkpoint_every, dist)
-    student, losses = train_student(params, classes, vectors, images, teacher, small_clip, generator, device,
-                                    checkpoints.sub("student"), dist)
-    history = [{"epoch": e, "loss": loss} for e, loss in enumerate(epoch_losses(losses, params.distill.epochs))]
+    student, losses, agreement = train_student(params, classes, vectors, images, teacher, small_clip, generator,
+                                               device, checkpoints.sub("student"), dist, holdout)
+    curves = epoch_curves(params, losses, agreement)
+    history = [{"epoch": e, "loss": loss} for e, loss in enumerate(curves["loss"])]
     base_student = None
     if params.distill.base_to_novel:
         n_base = len(classes) // 2
@@ -117,7 +145,7 @@ def main():
         if keep.sum() < params.distill.batch_size:
             raise PipelineError(f"distill.base_to_novel: only {int(keep.sum())} training images belong to the base "
                                 f"classes {classes[:n_base]} (a folder must be <root>/<domain>/<class>/*)")
-        base_student, _ = train_student(params, classes[:n_base], vectors[:n_base], images[keep], teacher,
+        base_student, _, _ = train_student(params, classes[:n_base], vectors[:n_base], images[keep], teacher,
                                         small_clip, generator, device, checkpoints.sub("student_b2n"), dist)
     dist.close()
     if not dist.main:
@@ -127,6 +155,7 @@ def main():
         if base_student is not None:
             save_student(base_student, tmp / "student_b2n.pt")
         write_json(tmp / "history.json", history)
+        write_curves(tmp / LIVE_DIR, curves)
     checkpoints.clear()
     print(f"distill: {params.distill.student} student, {len(history) and history[-1]['epoch'] + 1} epochs on "
           f"{images.shape[0]} {params.distill.images} images, final loss {history[-1]['loss']:.4f}")

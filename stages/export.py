@@ -1,6 +1,6 @@
 """Stage `export`: the distilled student, and the teacher's image tower, as standalone classifiers.
 
-Writes <out>/{student,teacher}.onnx (opset 17, dynamic batch), .pt2 (torch.export programs) and
+Writes <out>/{student,teacher}.onnx (opset 18, dynamic batch), .pt2 (torch.export programs) and
 .json (class names, input size, mean/std, how it was made), and metrics.json: each file's logits
 against PyTorch's on the evaluation images (at most export.parity_images of them, evenly spaced).
 A file whose logits differ by more than 1e-4, or whose top class differs on more than 0.1 % of

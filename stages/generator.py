@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataclasses import asdict
 
 from clipdistill.data import load_captioned_split, load_domain_folder, world_test_root
+from clipdistill.live import LIVE_DIR, write_curves
 from clipdistill.params import load_params
 from clipdistill.resumable import Checkpoints
 from clipdistill.runtime import atomic_dir, run_stage, seed_everything, setup_torch, stage_args, write_json
@@ -42,11 +43,13 @@ def main():
                              batch_size=params.generator.batch_size, lr=params.generator.lr, seed=params.seed,
                              checkpoints=checkpoints)
         summary = {"source": "embedded", "final_loss": sum(losses[-50:]) / len(losses[-50:])}
+        curves = {"loss": losses, "lr": [params.generator.lr] * len(losses)}  # Adam at a constant rate
     else:
         model = load_taming_checkpoint(params.generator.taming_config, params.generator.taming_checkpoint).to(device)
         cfg = model.cfg
         summary = {"source": "taming", "config": params.generator.taming_config,
                    "checkpoint": params.generator.taming_checkpoint}
+        curves = {"loss": [], "lr": []}  # an official release: nothing trained here
     test = load_domain_folder(world_test_root(params, args.world), list(params.world.classes), size,
                               params.world.eval_domains)
     # At most PSNR_IMAGES evenly spaced images per domain: a real dataset has thousands.
@@ -59,6 +62,7 @@ def main():
     with atomic_dir(args.out) as tmp:
         save_checkpoint(model.cpu(), cfg, tmp / "vqgan.pt")
         write_json(tmp / "metrics.json", summary)
+        write_curves(tmp / LIVE_DIR, curves)
     if params.generator.source == "embedded":
         checkpoints.clear()
     print(f"generator: reconstruction PSNR {psnr} dB")

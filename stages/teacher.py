@@ -15,8 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataclasses import asdict
 
 from clipdistill.clip_models import CLIP_FILE, embedded_clip_from_params, load_open_clip, save_clip
-from clipdistill.clip_training import train_clip
+from clipdistill.clip_training import clip_lr_factor, train_clip
 from clipdistill.data import load_captioned_split
+from clipdistill.live import LIVE_DIR, scheduled_lrs, write_curves
 from clipdistill.params import load_params
 from clipdistill.resumable import Checkpoints
 from clipdistill.runtime import (PipelineError, atomic_dir, run_stage, seed_everything, setup_torch, stage_args,
@@ -35,7 +36,7 @@ def main():
     section = getattr(params, args.section)  # params.teacher or params.student_clip
     image_size = params.world.image_size
     summary = {"source": section.source}
-    checkpoints = None
+    checkpoints, curves = None, None
     if section.source == "embedded":
         world_train = Path(args.world) / "train"
         checkpoints = Checkpoints.for_stage(
@@ -48,12 +49,15 @@ def main():
                             checkpoints=checkpoints, desc=args.section)
         summary.update(final_loss=sum(losses[-20:]) / len(losses[-20:]), steps=len(losses),
                        logit_scale=model.logit_scale)
+        curves = {"loss": losses, "lr": scheduled_lrs(section.lr, clip_lr_factor(len(losses)), len(losses))}
     else:
         model = load_open_clip(section.open_clip_model, section.pretrained)
         summary.update(model=section.open_clip_model, pretrained=section.pretrained)
     with atomic_dir(args.out) as tmp:
         save_clip(model.cpu(), tmp / CLIP_FILE)
         write_json(tmp / "summary.json", summary)
+        if curves is not None:  # a trained CLIP: its training curves (an open_clip one has none)
+            write_curves(tmp / LIVE_DIR, curves)
     if checkpoints is not None:
         checkpoints.clear()
     print(f"{args.section}: {summary}")

@@ -213,10 +213,10 @@ def test_promptkd_training_keeps_class_vectors_and_frozen_tower_bit_identical(to
     prompts = [p.detach().clone() for p in student.encoder.parameters() if p.requires_grad]
     data = (torch.rand(8, 3, 16, 16, generator=gen(11)) * 255).to(torch.uint8)
     teacher_vectors = class_vectors()
-    losses = distill(student, lambda x: 100 * F.normalize(x.mean((2, 3)) @ torch.ones(3, TEACHER_DIM), dim=-1)
-                     @ teacher_vectors.t(), data, promptkd_loss, temperature=1.0, epochs=1, batch_size=4, lr=0.01,
-                     weight_decay=0.01, augment=False, generator=gen(), device=torch.device("cpu"),
-                     optimizer=optimizer)
+    losses, _ = distill(student, lambda x: 100 * F.normalize(x.mean((2, 3)) @ torch.ones(3, TEACHER_DIM), dim=-1)
+                        @ teacher_vectors.t(), data, promptkd_loss, temperature=1.0, epochs=1, batch_size=4, lr=0.01,
+                        weight_decay=0.01, augment=False, generator=gen(), device=torch.device("cpu"),
+                        optimizer=optimizer)
     assert len(losses) == 2
     assert torch.equal(student.class_vectors, vectors)
     assert all(torch.equal(v, frozen[k]) for k, v in student.encoder.visual.state_dict().items())

@@ -38,13 +38,13 @@ def test_second_repro_reruns_nothing(project):
     assert ran_stages(out) == []
 
 
-def test_distill_param_reruns_only_distill_and_evaluate(project):
+def test_distill_param_reruns_only_distill_and_what_reads_the_student(project):
     dst, _ = project
     before = json.loads((dst / "artifacts/eval/metrics.json").read_text())
     text = (dst / "params.yaml").read_text().replace("  epochs: 1\n  batch_size: 3", "  epochs: 2\n  batch_size: 3")
     (dst / "params.yaml").write_text(text)
     out = run(["dvc", "repro"], dst).stdout
-    assert ran_stages(out) == ["distill", "evaluate"]
+    assert ran_stages(out) == ["distill", "evaluate", "export"]
     # and back: the same params give the same metrics (determinism), restored from the run cache or rerun
     (dst / "params.yaml").write_text(text.replace("  epochs: 2\n  batch_size: 3", "  epochs: 1\n  batch_size: 3"))
     run(["dvc", "repro", "--force", "-s", "distill"], dst)
@@ -130,7 +130,7 @@ def test_prompt_students_run_as_experiments(project, sets):
     run(["git", "commit", "-qm", "locked"], dst, check=False)
     args = [a for s in sets for a in ("-S", s)]
     out = run(["dvc", "exp", "run", "--temp", *args], dst)
-    assert ran_stages(out.stdout) == ["distill", "evaluate"]
+    assert ran_stages(out.stdout) == ["distill", "evaluate", "export"]  # export: the prompt student folded
     shown = json.loads(run(["dvc", "exp", "show", "--json"], dst).stdout)
     rows = [r for r in report.experiments(shown) if r["params"]["distill"]["student"] == sets[0].split("=")[1]]
     assert rows, "the experiment's metrics are visible to dvc exp show"

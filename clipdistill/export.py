@@ -61,6 +61,10 @@ def export_onnx(model: nn.Module, path: Path, image_size: int) -> None:
     program = torch.onnx.export(model.eval(), (example,), dynamo=True, input_names=["images"],
                                 output_names=["logits"], dynamic_shapes=({0: batch},),
                                 opset_version=ONNX_OPSET, verbose=False)
+    for node in program.model.graph.all_nodes():
+        # debugging aids that name this checkout's source files: the same model exported from
+        # another folder must give the same file
+        node.metadata_props.clear()
     program.save(str(path), external_data=False)
 
 
@@ -68,6 +72,8 @@ def export_program(model: nn.Module, path: Path, image_size: int) -> None:
     """A `torch.export` program (`torch.export.load(path).module()` runs it, no clipdistill needed)."""
     example = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    for node in program.graph.nodes:
+        node.meta.pop("stack_trace", None)  # names this checkout's source files (see export_onnx)
     torch.export.save(program, str(path))
 
 

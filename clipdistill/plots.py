@@ -3,10 +3,10 @@
 DVC's page loads vega, vega-lite and vega-embed from a CDN, so offline every chart stays blank.
 This writes the page with a template that loads local copies instead (fetch them once with npm):
 
-    npm install --prefix .plots vega@5.20.2 vega-lite@5.2.0 vega-embed@6.18.2
+    npm install --prefix .plots vega@5 vega-lite@5 vega-embed@6
     python -m clipdistill.plots --vendor .plots/node_modules      # -> dvc_plots/index.html
 
-The versions are the ones DVC's own page asks the CDN for.
+The major versions are the ones DVC's own page asks the CDN for.
 """
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def find_library(vendor: Path, name: str) -> Path:
     for path in (vendor / f"{name}.min.js", vendor / name / "build" / f"{name}.min.js"):
         if path.is_file():
             return path
-    raise SystemExit(f"error: {name}.min.js not found in {vendor} (npm install vega@5.20.2 vega-lite@5.2.0 "
-                     "vega-embed@6.18.2, then pass its node_modules folder)")
+    raise SystemExit(f"error: {name}.min.js not found in {vendor} (npm install vega@5 vega-lite@5 "
+                     "vega-embed@6, then pass its node_modules folder)")
 
 
 def show(vendor: Path, out: Path) -> Path:

@@ -150,7 +150,7 @@ def serving_table(models, size: int, args) -> None:
 
     print(f"serving on the CPU ({size} px): images/s at batch 1 and {args.batch}, latency of one image "
           f"over {args.latency_calls} calls")
-    print(f"{'model':<44} {'runtime':<12} {'img/s b1':>9} {f'img/s b{args.batch}':>10} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'model':<46} {'runtime':<12} {'img/s b1':>9} {f'img/s b{args.batch}':>10} {'p50 ms':>8} {'p99 ms':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, _, _, _, classifier in models:
             classifier = classifier.cpu().eval()
@@ -165,7 +165,7 @@ def serving_table(models, size: int, args) -> None:
                     one = latencies_ms(run, np.random.rand(1, 3, size, size).astype(np.float32), args.latency_calls)
                     batch = latencies_ms(run, np.random.rand(args.batch, 3, size, size).astype(np.float32),
                                          args.reps)
-                print(f"{name.split(' (')[0]:<44} {runtime:<12} {1e3 / np.median(one):>9.1f} "
+                print(f"{name.split(' (')[0]:<46} {runtime:<12} {1e3 / np.median(one):>9.1f} "
                       f"{args.batch * 1e3 / batch.mean():>10.1f} {np.percentile(one, 50):>8.2f} "
                       f"{np.percentile(one, 99):>8.2f}")
 

@@ -34,8 +34,8 @@ def symmetric_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     return 0.5 * kd_kl(student, teacher, temperature) + 0.5 * reverse_kl(student, teacher, temperature)
 
 
-def promptkd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
-                  kd_weight: float = 1000.0) -> torch.Tensor:
+def promptkd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, *,
+                  kd_weight: float) -> torch.Tensor:
     """PromptKD: kd_weight * T^2 * sum_{b,c} KL(softmax(t/T) || softmax(s/T)) / (B * C).
 
     Dividing the summed KL by B * C (not B) is PromptKD's `F.kl_div(..., reduction='sum') /

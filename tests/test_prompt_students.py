@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from project import tiny_clip as embedded_clip
 
 from clipdistill.clip_models import ClipModel, build_clip
-from clipdistill.losses import kd_kl, promptkd_loss, symmetric_kl
+from clipdistill.losses import get_loss, kd_kl, promptkd_loss, symmetric_kl
 from clipdistill.prompt_students import (ConvPrompts, KDPLStudent, PromptKDStudent, VitPrompts, class_agnostic_logits,
                                          load_classnames, select_topk_classes)
 from clipdistill.runtime import PipelineError
@@ -89,13 +89,13 @@ def test_promptkd_loss_is_the_summed_kl_over_batch_times_classes():
     s, t = torch.randn(4, 7, generator=gen(6)), torch.randn(4, 7, generator=gen(7))
     for temp, weight in [(1.0, 1000.0), (2.0, 200.0)]:
         summed_kl = F.kl_div(F.log_softmax(s / temp, -1), F.softmax(t / temp, -1), reduction="sum")
-        loss = promptkd_loss(s, t, temp, weight)
+        loss = promptkd_loss(s, t, temp, kd_weight=weight)
         assert torch.allclose(loss * 4 * 7 / weight, temp ** 2 * summed_kl, atol=1e-6)
         # = Hinton KD's batch mean divided by the number of classes
         assert torch.allclose(loss / weight * 7, kd_kl(s, t, temp), atol=1e-6)
-    assert promptkd_loss(s, s).abs() < 1e-4
+    assert promptkd_loss(s, s, 1.0, kd_weight=1000.0).abs() < 1e-4
     s_, t_ = s.clone().requires_grad_(), t.clone().requires_grad_()
-    promptkd_loss(s_, t_).backward()
+    promptkd_loss(s_, t_, 1.0, kd_weight=1000.0).backward()
     assert t_.grad is None and s_.grad.abs().sum() > 0
 
 
@@ -189,7 +189,7 @@ def test_conv_prompts_are_additive_maps_on_stage_inputs():
 def test_promptkd_only_prompts_and_projector_get_gradients(tower):
     student = promptkd(tower, n_prompts=2, depth=2).train()
     teacher_logits = torch.randn(4, len(CLASSES), generator=gen(10))
-    promptkd_loss(student(images(4)), teacher_logits).backward()
+    promptkd_loss(student(images(4)), teacher_logits, 1.0, kd_weight=1000.0).backward()
     trained = 0
     for name, p in student.named_parameters():
         if name.startswith(("encoder.prompts", "projector.")):
@@ -214,7 +214,7 @@ def test_promptkd_training_keeps_class_vectors_and_frozen_tower_bit_identical(to
     data = (torch.rand(8, 3, 16, 16, generator=gen(11)) * 255).to(torch.uint8)
     teacher_vectors = class_vectors()
     losses, _ = distill(student, lambda x: 100 * F.normalize(x.mean((2, 3)) @ torch.ones(3, TEACHER_DIM), dim=-1)
-                        @ teacher_vectors.t(), data, promptkd_loss, temperature=1.0, epochs=1, batch_size=4, lr=0.01,
+                        @ teacher_vectors.t(), data, get_loss("promptkd", 1000.0), temperature=1.0, epochs=1, batch_size=4, lr=0.01,
                         weight_decay=0.01, augment=False, generator=gen(), device=torch.device("cpu"),
                         optimizer=optimizer)
     assert len(losses) == 2

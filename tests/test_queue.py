@@ -44,3 +44,5 @@ def test_two_queued_experiments_run_in_parallel_and_show_up(tiny_project, tmp_pa
         assert rev["params"]["params.yaml"]["data"]["distill"]["temperature"] == temperature
         metrics = rev["metrics"]["artifacts/eval/metrics.json"]["data"]
         assert 0.0 <= metrics["student"]["mean"] <= 1.0
+        # the training curves' last values (dvclive) are experiment metrics too
+        assert rev["metrics"]["artifacts/student/live/metrics.json"]["data"]["loss"] > 0

@@ -8,21 +8,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
+from .image_files import IMAGE_SUFFIXES, decode_rgb
 from .runtime import PipelineError, load_weights
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def read_image(path: Path, size: int) -> np.ndarray:
-    """RGB uint8 [size, size, 3]; a corrupt file is a one-line error naming it."""
+    """RGB uint8 [size, size, 3] (`image_files.decode_rgb`); a corrupt file is a one-line error naming it."""
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BICUBIC)
-            return np.asarray(im, dtype=np.uint8)
+        return decode_rgb(path, size)
     except (UnidentifiedImageError, OSError) as exc:
         raise PipelineError(f"corrupt or unreadable image: {path} ({type(exc).__name__})") from None
 

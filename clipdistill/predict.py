@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-# The same set as clipdistill.data.IMAGE_SUFFIXES, repeated because that module imports torch.
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+from .image_files import IMAGE_SUFFIXES, decode_rgb
+
 GLOB_CHARS = set("*?[")
 # What PIL raises for unreadable files: OSError (incl. UnidentifiedImageError, truncation),
 # SyntaxError/ValueError from some plugins' parsers, DecompressionBombError for huge images.
@@ -88,14 +88,9 @@ def _channel_stats(inp: dict, key: str, path: Path) -> np.ndarray:
 def read_image(path: Path, meta: Meta) -> np.ndarray:
     """float32 [3, S, S] in [0, 1] (then mean/std-normalised if the model does not do that itself).
 
-    Mirrors clipdistill.data.read_image followed by the pipeline's uint8 -> float / 255.
+    The pipeline's own decoding (`image_files.decode_rgb`), then its uint8 -> float / 255.
     """
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if im.size != (meta.size, meta.size):
-            im = im.resize((meta.size, meta.size), Image.BICUBIC)
-        pixels = np.asarray(im, dtype=np.uint8)
-    x = pixels.transpose(2, 0, 1).astype(np.float32) / 255
+    x = decode_rgb(path, meta.size).transpose(2, 0, 1).astype(np.float32) / 255
     return x if meta.mean is None else (x - meta.mean) / meta.std
 
 

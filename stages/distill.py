@@ -93,13 +93,14 @@ def train_student(params, classes, vectors, images, teacher, small_clip, generat
         teacher_logits = lambda x: student.logit_scale * teacher.encode_image(x) @ target.t()  # noqa: E731
     else:
         teacher_logits = lambda x: teacher.logits(x, vectors)  # noqa: E731
-    losses, agreement = distill(student, teacher_logits, images, get_loss(params.distill.loss, params.distill.kd_weight),
-                     temperature=params.distill.temperature, epochs=params.distill.epochs,
-                     batch_size=params.distill.batch_size, lr=params.distill.lr,
-                     weight_decay=params.distill.weight_decay, augment=params.distill.augment,
-                     optimizer=params.distill.optimizer, generator=generator, device=device,
-                     student_step=student_step, amp_dtype=resolve_precision(params.precision, device), dist=dist,
-                     checkpoints=checkpoints, holdout=holdout)
+    loss_fn = get_loss(params.distill.loss, params.distill.kd_weight)
+    losses, agreement = distill(student, teacher_logits, images, loss_fn, temperature=params.distill.temperature,
+                                epochs=params.distill.epochs, batch_size=params.distill.batch_size,
+                                lr=params.distill.lr, weight_decay=params.distill.weight_decay,
+                                augment=params.distill.augment, optimizer=params.distill.optimizer,
+                                generator=generator, device=device, student_step=student_step,
+                                amp_dtype=resolve_precision(params.precision, device), dist=dist,
+                                checkpoints=checkpoints, holdout=holdout)
     student.set_classes(classes, vectors.cpu())  # KDPL-CA: back from the dictionary to the task's classes
     return student.cpu(), losses, agreement
 

@@ -234,6 +234,8 @@ ROWS = [
         sets={"distill.batch_size": N_SYNTH + 1, "distill.base_to_novel": False}),
     bad("distill-batch-larger-than-base-class-images", "world", ["distill.batch_size", "3 images of the 1 base class"],
         sets={"distill.batch_size": 4}),
+    bad("distill-holdout-more-than-half-the-images", "distill", ["distill.holdout_images", "more than half"],
+        sets={"distill.holdout_images": N_SYNTH}),
     bad("teacher-batch-larger-than-captioned-images", "world", ["teacher.batch_size", f"{N_CAPTIONED} captioned"],
         sets={"teacher.batch_size": N_CAPTIONED + 1}),
     # class names become folder names

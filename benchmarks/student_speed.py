@@ -40,7 +40,8 @@ import numpy as np
 
 from clipdistill.clip_models import embedded_clip_from_params, load_open_clip
 from clipdistill.evaluation import count_parameters, gflops_per_image, images_per_second
-from clipdistill.export import ZeroShotClassifier, export_onnx
+from clipdistill.clip_models import CosineClassifier
+from clipdistill.export import export_onnx
 from clipdistill.params import load_params
 from clipdistill.runtime import run_stage
 from clipdistill.prompt_students import PromptKDStudent
@@ -81,7 +82,7 @@ def build_models(args):
         cnn_params = params.distill.cnn
         models = [(f"teacher: embedded CLIP image tower ({params.teacher.vision}, width {params.teacher.vision_width})",
                    teacher, teacher.encode_image, count_parameters(teacher.model.visual),
-                   ZeroShotClassifier(teacher, class_vectors)),
+                   CosineClassifier.zero_shot(teacher, class_vectors)),
                   (f"student: CnnStudent (width {cnn_params.width}, depth {cnn_params.depth}, {cnn_params.head} head)",
                    cnn, cnn, count_parameters(cnn), cnn.classifier()),
                   (f"student: PromptKD over the student_clip tower (width {params.student_clip.vision_width})",
@@ -92,7 +93,7 @@ def build_models(args):
         class_vectors = F.normalize(torch.randn(1000, teacher.embed_dim, generator=gen), dim=-1)
         student = resnet18_student(class_vectors, teacher.logit_scale)
         models = [("teacher: open_clip ViT-B-32 image tower", teacher, teacher.encode_image,
-                   count_parameters(teacher.model.visual), ZeroShotClassifier(teacher, class_vectors)),
+                   count_parameters(teacher.model.visual), CosineClassifier.zero_shot(teacher, class_vectors)),
                   ("student: ResNet-18 (torchvision) + projection head", student, student,
                    count_parameters(student), student.classifier())]
     return size, models

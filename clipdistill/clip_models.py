@@ -166,6 +166,33 @@ class ClipModel(nn.Module):
         return self.logit_scale * self.encode_image(images) @ class_features.t()
 
 
+class CosineClassifier(nn.Module):
+    """An image encoder scored against fixed class vectors: logit_scale * cos(feature, vector).
+
+    What a CLIP-style model is at inference once its class vectors are computed: the teacher's
+    image tower against the stored class vectors, or a KDPL student's prompted tower against its
+    learned text features. [B, 3, H, W] in [0, 1] -> [B, C] (resized and normalised inside)."""
+
+    def __init__(self, encoder: nn.Module, image_size: int, mean: torch.Tensor, std: torch.Tensor,
+                 class_vectors: torch.Tensor, logit_scale: float):
+        super().__init__()
+        self.encoder = encoder
+        self.image_size = image_size
+        self.register_buffer("mean", mean.detach().clone())
+        self.register_buffer("std", std.detach().clone())
+        self.register_buffer("class_vectors", class_vectors.detach().float().clone())
+        self.logit_scale = float(logit_scale)
+
+    @classmethod
+    def zero_shot(cls, clip: ClipModel, class_vectors: torch.Tensor) -> "CosineClassifier":
+        """`clip`'s image tower (its text tower left out) against `class_vectors` [C, D]."""
+        return cls(clip.model.visual, clip.image_size, clip.mean, clip.std, class_vectors, clip.logit_scale)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feats = F.normalize(self.encoder(clip_preprocess(images, self.image_size, self.mean, self.std)), dim=-1)
+        return self.logit_scale * feats @ self.class_vectors.t()
+
+
 def build_embedded_clip(**config) -> ClipModel:
     """A randomly initialised embedded CLIP; `config`: embedded_clip_config's keyword arguments."""
     cfg = embedded_clip_config(**config)

@@ -13,35 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .clip_models import ClipModel, clip_preprocess
 from .runtime import PipelineError
 
 ONNX_OPSET = 18  # the opset torch.onnx writes natively: no version conversion step
 MAX_ABS_DIFF = 1e-4      # export parity: logits may differ by at most this much
 MIN_ARGMAX_AGREEMENT = 0.999  # and the top class must agree on at least this share of images
-
-
-class ZeroShotClassifier(nn.Module):
-    """A CLIP image tower scored against fixed class vectors: logit_scale * cos(feature, vector).
-
-    The teacher's classifier, as the pipeline evaluates it (stored class vectors); only the image
-    tower is kept. [B, 3, S, S] in [0, 1] -> [B, C]."""
-
-    def __init__(self, clip: ClipModel, class_vectors: torch.Tensor):
-        super().__init__()
-        self.visual = clip.model.visual
-        self.image_size = clip.image_size
-        self.register_buffer("mean", clip.mean.clone())
-        self.register_buffer("std", clip.std.clone())
-        self.register_buffer("class_vectors", class_vectors.detach().float().clone())
-        self.logit_scale = clip.logit_scale
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        feats = F.normalize(self.visual(clip_preprocess(images, self.image_size, self.mean, self.std)), dim=-1)
-        return self.logit_scale * feats @ self.class_vectors.t()
 
 
 def card(model: nn.Module, classes: list[str], image_size: int, made_by: dict) -> dict:
@@ -54,12 +32,18 @@ def card(model: nn.Module, classes: list[str], image_size: int, made_by: dict) -
             "made_by": made_by}
 
 
+def _example(image_size: int) -> tuple[torch.Tensor]:
+    """The traced input: two images, so the batch axis stays symbolic."""
+    return (torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)),)
+
+
+DYNAMIC_BATCH = ({0: torch.export.Dim("batch", min=1)},)
+
+
 def export_onnx(model: nn.Module, path: Path, image_size: int) -> None:
     """ONNX (opset ONNX_OPSET) with a dynamic batch: input `images`, output `logits`, one self-contained file."""
-    example = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    batch = torch.export.Dim("batch", min=1)
-    program = torch.onnx.export(model.eval(), (example,), dynamo=True, input_names=["images"],
-                                output_names=["logits"], dynamic_shapes=({0: batch},),
+    program = torch.onnx.export(model.eval(), _example(image_size), dynamo=True, input_names=["images"],
+                                output_names=["logits"], dynamic_shapes=DYNAMIC_BATCH,
                                 opset_version=ONNX_OPSET, verbose=False)
     for node in program.model.graph.all_nodes():
         # debugging aids that name this checkout's source files: the same model exported from
@@ -70,8 +54,7 @@ def export_onnx(model: nn.Module, path: Path, image_size: int) -> None:
 
 def export_program(model: nn.Module, path: Path, image_size: int) -> None:
     """A `torch.export` program (`torch.export.load(path).module()` runs it, no clipdistill needed)."""
-    example = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    program = torch.export.export(model.eval(), _example(image_size), dynamic_shapes=DYNAMIC_BATCH)
     for node in program.graph.nodes:
         node.meta.pop("stack_trace", None)  # names this checkout's source files (see export_onnx)
     torch.export.save(program, str(path))

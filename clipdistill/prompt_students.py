@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from .clip_models import (CLIP_MEAN, CLIP_STD, ClipModel, ConvImageTower, build_clip, clip_logit_scale, clip_preprocess,
+from .clip_models import (CLIP_MEAN, CLIP_STD, ClipModel, ConvImageTower, CosineClassifier, build_clip, clip_logit_scale, clip_preprocess,
                           load_open_clip)
 from .params import ParamsError
 from .runtime import PipelineError, read_word_list
@@ -349,7 +349,8 @@ class KDPLStudent(_FrozenClipStudent):
     def classifier(self) -> nn.Module:
         """For export: the prompted image tower against its learned text features, computed once
         for the current classes (the text tower is not needed at inference)."""
-        return FixedTextClassifier(self, self.text_features())
+        return CosineClassifier(self.encoder, self.image_size, self.mean, self.std, self.text_features(),
+                                self.logit_scale)
 
     def set_classes(self, classes: list[str], class_vectors: torch.Tensor) -> None:
         """Point the student at `classes` (base, novel, or back from the KDPL-CA dictionary)."""
@@ -383,24 +384,6 @@ class KDPLStudent(_FrozenClipStudent):
     def forward(self, images: torch.Tensor, class_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, K] over `class_ids` (LongTensor [K]) or over every class name."""
         return self.logit_scale * self.image_features(images) @ self.text_features(class_ids).t()
-
-
-class FixedTextClassifier(nn.Module):
-    """A KDPL student with its text features frozen: logit_scale * cos(image feature, text feature).
-    [B, 3, H, W] in [0, 1] -> [B, C]; the same logits as the student's forward over all classes."""
-
-    def __init__(self, student: KDPLStudent, text_features: torch.Tensor):
-        super().__init__()
-        self.encoder = student.encoder
-        self.image_size = student.image_size
-        self.register_buffer("mean", student.mean.clone())
-        self.register_buffer("std", student.std.clone())
-        self.register_buffer("text_features", text_features.detach().clone())
-        self.logit_scale = student.logit_scale
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        feats = F.normalize(self.encoder(clip_preprocess(images, self.image_size, self.mean, self.std)), dim=-1)
-        return self.logit_scale * feats @ self.text_features.t()
 
 
 def select_topk_classes(teacher_probs: torch.Tensor, k: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 
 from clipdistill.clip_models import load_clip
 from clipdistill.data import load_shards, load_unlabeled_folder
-from clipdistill.live import LIVE_DIR, write_curves
+from clipdistill.live import LIVE_DIR, scheduled_lrs, write_curves
 from clipdistill.losses import get_loss
 from clipdistill.params import load_params
 from clipdistill.prompt_students import class_agnostic_logits, load_classnames
@@ -108,9 +108,8 @@ def train_student(params, classes, vectors, images, teacher, small_clip, generat
 def epoch_curves(params, losses: list[float], agreement: list[float]) -> dict[str, list[float]]:
     """Per-epoch loss, learning rate (at the epoch's last step) and holdout agreement, for live/."""
     steps_per_epoch = len(losses) // params.distill.epochs
-    curves = {"loss": epoch_losses(losses, params.distill.epochs),
-              "lr": [params.distill.lr * cosine_lr((e + 1) * steps_per_epoch - 1, len(losses), steps_per_epoch)
-                     for e in range(params.distill.epochs)]}
+    lrs = scheduled_lrs(params.distill.lr, lambda s: cosine_lr(s, len(losses), steps_per_epoch), len(losses))
+    curves = {"loss": epoch_losses(losses, params.distill.epochs), "lr": lrs[steps_per_epoch - 1::steps_per_epoch]}
     if agreement:
         curves["holdout_agreement"] = agreement
     return curves

@@ -18,9 +18,9 @@ from dataclasses import asdict
 
 import torch
 
-from clipdistill.clip_models import load_clip
+from clipdistill.clip_models import CosineClassifier, load_clip
 from clipdistill.data import load_domain_folder, world_test_root
-from clipdistill.export import ZeroShotClassifier, export_classifier
+from clipdistill.export import export_classifier
 from clipdistill.params import load_params
 from clipdistill.runtime import atomic_dir, run_stage, setup_torch, stage_args, write_json
 from clipdistill.students import load_student
@@ -42,7 +42,7 @@ def main():
     made_by = {"student": params.distill.student, "teacher": teacher.spec, "seed": params.seed,
                "params_sha256": hashlib.sha256(json.dumps(asdict(params), sort_keys=True).encode()).hexdigest()}
     models = {"student": load_student(Path(args.student) / "student.pt").classifier(),
-              "teacher": ZeroShotClassifier(teacher, stored["features"])}
+              "teacher": CosineClassifier.zero_shot(teacher, stored["features"])}
     with atomic_dir(args.out) as tmp:
         metrics = {name: export_classifier(model, tmp, name, classes, size, made_by, images, params.eval.batch_size)
                    for name, model in models.items()}

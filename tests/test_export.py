@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from project import tiny_clip
 
-from clipdistill.export import MAX_ABS_DIFF, ZeroShotClassifier, export_classifier, onnx_logits, parity
+from clipdistill.clip_models import CosineClassifier
+from clipdistill.export import MAX_ABS_DIFF, export_classifier, onnx_logits, parity
 from clipdistill.prompt_students import KDPLStudent, PromptKDStudent
 from clipdistill.runtime import PipelineError
 from clipdistill.students import CnnStudent
@@ -74,7 +75,7 @@ def test_the_teachers_image_tower_exports_as_its_zero_shot_classifier(tmp_path):
     teacher = trained_like(teacher, teacher.encode_image).requires_grad_(False)
     v = vectors()
     x = images()
-    classifier = ZeroShotClassifier(teacher, v)
+    classifier = CosineClassifier.zero_shot(teacher, v)
     with torch.no_grad():
         assert torch.allclose(classifier(x.float().div(255)), teacher.logits(x.float().div(255), v), atol=1e-5)
     checks = export_classifier(classifier, tmp_path, "teacher", CLASSES, SIZE, {}, x, batch_size=24)

@@ -13,10 +13,15 @@ cutouts and image size. Weights are random: throughput does not depend on them.
 Run from the repo root, e.g.
   python benchmarks/synthesis.py --setting embedded
   python benchmarks/synthesis.py --setting real --device cuda
+  python benchmarks/synthesis.py --setting real --device cuda --precision bf16   # as the stage runs on CUDA
   python benchmarks/synthesis.py --setting embedded --batch 2 --steps 1   # smoke run
 Each mode is timed --repeats times and the fastest run counts. The line before the figure is the
 ceiling: a dense fp32 matmul's GFLOP/s on this machine over the loop's achieved GFLOP/s, the most
 any batching can give at the same FLOPs. The last line is the figure: `batched/loop speedup: N.Nx`.
+
+--precision bf16 runs decoding and the teacher under bf16 autocast on the device (synthesize_batch's
+amp_dtype, what the synthesize stage's `precision: auto` does on CUDA; latents, Adam and the loss stay
+fp32), and the ceiling's matmul runs under the same autocast. Default fp32: no autocast.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from common import add_device_args, dense_matmul_gflops, machine_line, resolve_d
 from clipdistill.clip_models import embedded_clip_from_params, fold_batchnorm, load_open_clip
 from clipdistill.evaluation import count_parameters
 from clipdistill.params import load_params
-from clipdistill.runtime import channels_last, run_stage
+from clipdistill.runtime import autocast, channels_last, resolve_precision, run_stage
 from clipdistill.synthesis import image_seed, synthesize_batch
 from clipdistill.vqgan import VQGAN, VQGANConfig, embedded_vqgan_config
 
@@ -84,7 +89,7 @@ def run(vqgan, teacher, targets, first_id: int, args, latent_hw, steps: int) -> 
     step_gen = torch.Generator().manual_seed(image_seed(args.seed, first_id) ^ 0x5EED)
     return synthesize_batch(vqgan, teacher, targets, steps=steps, lr=0.1, cutn=args.cutn, cut_pow=1.0,
                             min_cut=0.5, augment=True, latent_hw=latent_hw, init_generators=inits,
-                            generator=step_gen)
+                            generator=step_gen, amp_dtype=args.amp_dtype)
 
 
 def flops_per_image_step(vqgan, teacher, targets, args, latent_hw) -> float:
@@ -114,6 +119,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs of each mode; the fastest counts (less noise from the rest of the machine)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: decoding and the teacher under bf16 autocast on the device, as the synthesize "
+                             "stage runs on CUDA (default fp32: no autocast)")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's table of 2 batched steps (where the time goes)")
     add_device_args(parser)
@@ -129,6 +137,7 @@ def main():
         raise SystemExit("--batch, --steps, --cutn and --repeats must be >= 1")
 
     device = resolve_device(args)
+    args.amp_dtype = resolve_precision(args.precision, device)
     print(machine_line(device))
     teacher, vqgan, size, what = build_models(args, device)
     f = vqgan.downsample_factor
@@ -137,7 +146,7 @@ def main():
     targets = F.normalize(torch.randn(args.batch, teacher.embed_dim, generator=gen), dim=-1).to(device)
     print(f"setting {args.setting}: {what}")
     print(f"{args.batch} images of {size} px (latents {latent_hw[0]}x{latent_hw[1]}), {args.steps} steps, "
-          f"{args.cutn} cutouts of {teacher.image_size} px per image per step, on {device}")
+          f"{args.cutn} cutouts of {teacher.image_size} px per image per step, on {device}, precision {args.precision}")
 
     def batched():
         run(vqgan, teacher, targets, 0, args, latent_hw, args.steps)
@@ -169,9 +178,10 @@ def main():
               + (f" {peak:>9.2f}" if peak is not None else ""))
     # The ceiling of batching: the batched step cannot run its FLOPs faster than a large dense
     # matmul, so batched/loop can be at most (peak GFLOP/s) / (the loop's GFLOP/s) on this machine.
-    peak = dense_matmul_gflops(device)
+    with autocast(device, args.amp_dtype):  # bf16: the matmul runs in bf16, as the synthesis step's do
+        peak = dense_matmul_gflops(device)
     loop_gflops = rows[1][4] * flops / 1e9
-    print(f"dense fp32 matmul peak {peak:.1f} GFLOP/s: batched at that rate would be {peak / loop_gflops:.1f}x "
+    print(f"dense {args.precision} matmul peak {peak:.1f} GFLOP/s: batched at that rate would be {peak / loop_gflops:.1f}x "
           f"the loop (the most batching can give here)")
     if args.profile:
         with torch.profiler.profile() as prof:

@@ -6,6 +6,7 @@ features, distillation and evaluation run the same code on the embedded world an
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import open_clip
@@ -14,12 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .preprocess import Preprocess, clip_default, open_clip_preprocess
 from .runtime import PipelineError, read_checkpoint
 
-# OpenAI CLIP's preprocessing constants; the embedded teacher uses them too, so every teacher
-# takes the same [0, 1] input convention.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_LOGIT_SCALE = 100.0  # CLIP's cap on exp(logit_scale), as open_clip clamps it
 CLIP_SOURCES = ("embedded", "open_clip")  # `teacher.source`, `student_clip.source`: trained here | loaded
 
@@ -115,6 +113,14 @@ def clip_preprocess(images: torch.Tensor, size: int, mean: torch.Tensor, std: to
     return (images - mean) / std
 
 
+def model_preprocess(model: open_clip.CLIP, image_size: int) -> Preprocess:
+    """An open_clip model's own preprocess config (what create_model_and_transforms would use), or
+    OpenAI's for the embedded towers, which carry none."""
+    if getattr(model.visual, "preprocess_cfg", None):
+        return open_clip_preprocess(model)
+    return clip_default(image_size)
+
+
 def clip_logit_scale(model: open_clip.CLIP) -> float:
     """exp(model.logit_scale), capped at 100 as CLIP does: 100 for pretrained CLIPs (PromptKD, KDPL),
     learned for the embedded ones."""
@@ -125,7 +131,10 @@ class ClipModel(nn.Module):
     """A frozen-or-trainable open_clip CLIP with the project's input convention.
 
     `encode_image` takes images in [0, 1] ([B, 3, H, W], any H, W: resized to `image_size`) and
-    normalises them itself; `encode_text` takes strings. Features are L2-normalised.
+    normalises them itself with the model's own mean and std (`prep`: open_clip's preprocess
+    config for its models, OpenAI's constants for the embedded ones); `encode_text` takes
+    strings. Features are L2-normalised. Image files are decoded with `prep`'s geometry
+    (`data.file_decoder`), so an image reaches the model as open_clip's own transform gives it.
     """
 
     def __init__(self, model: open_clip.CLIP, image_size: int, context_length: int, spec: dict):
@@ -134,8 +143,9 @@ class ClipModel(nn.Module):
         self.image_size = image_size
         self.context_length = context_length
         self.spec = spec  # how to rebuild it: {"kind": "embedded", "config": ...} or open_clip name+pretrained
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.prep = model_preprocess(model, image_size)
+        self.register_buffer("mean", torch.tensor(self.prep.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.prep.std).view(1, 3, 1, 1), persistent=False)
         self._tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
 
     @property
@@ -242,6 +252,12 @@ def load_open_clip(model_name: str, pretrained: str) -> ClipModel:
 
 
 CLIP_FILE = "clip.pt"  # what the teacher and student_clip stages write in their output folder
+
+
+def decoding(clip: ClipModel, image_size: int) -> Preprocess:
+    """How the pipeline decodes image files for `clip`: its preprocessing geometry (resize mode,
+    interpolation) at the pipeline's image side `image_size` (world.image_size)."""
+    return dataclasses.replace(clip.prep, size=image_size)
 
 
 def save_clip(clip: ClipModel, path: str | Path) -> None:

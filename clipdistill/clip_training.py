@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .augment import flip_translate
 from .clip_models import ClipModel
+from .image_sets import EpochReader, ImageSet
 from .resumable import Checkpoints, EpochOrder, run_steps
 from .schedules import clip_warmup_cosine
 
@@ -37,12 +38,13 @@ def clip_lr_factor(total: int):
     return lambda s: clip_warmup_cosine(s, total, warmup)
 
 
-def train_clip(clip: ClipModel, images: torch.Tensor, captions: list[str], *, epochs: int,
-                  batch_size: int, lr: float, weight_decay: float, generator: torch.Generator,
-                  device: torch.device, checkpoints: Checkpoints | None = None, desc: str = "clip") -> list[float]:
+def train_clip(clip: ClipModel, images: ImageSet, captions: list[str], *, epochs: int,
+               batch_size: int, lr: float, weight_decay: float, generator: torch.Generator,
+               device: torch.device, checkpoints: Checkpoints | None = None, desc: str = "clip",
+               workers: int = 0) -> list[float]:
     """Image-caption contrastive training of an embedded CLIP (the teacher or student_clip).
 
-    images: uint8 [N, 3, H, W]; captions: N strings. AdamW + cosine schedule with warm-up;
+    images: N images (in RAM, or streamed by `workers` DataLoader processes); captions: N strings. AdamW + cosine schedule with warm-up;
     light augmentation (flip, 4-px translation). `checkpoints` makes it resumable
     (`resumable.run_steps`); `desc` names its progress bar. Returns per-step losses.
     """
@@ -52,13 +54,14 @@ def train_clip(clip: ClipModel, images: torch.Tensor, captions: list[str], *, ep
     params_other = [p for n, p in clip.model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": params_decay, "weight_decay": weight_decay},
                              {"params": params_other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
-    batches = EpochOrder(images.shape[0], batch_size, generator)
+    batches = EpochOrder(len(images), batch_size, generator)
+    reader = EpochReader(images, batches, workers)
     total = epochs * batches.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, clip_lr_factor(total))
 
     def step(i: int) -> float:
-        idx = batches.batch(i)
-        x = flip_translate(images[idx].float().div(255), generator).to(device)
+        idx, images_u8 = reader.batch(i)
+        x = flip_translate(images_u8.to(device).float().div(255), generator)
         tok = tokens[idx].to(device)
         img_f = F.normalize(clip.model.encode_image(clip.preprocess(x)), dim=-1)
         # Encode each distinct caption once: batches repeat captions, and the text tower dominates cost.

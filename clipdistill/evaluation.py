@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from .image_sets import ImageSet
 from .runtime import autocast
 from .training import predict
 
@@ -20,14 +21,15 @@ def with_autocast(fn, device: torch.device, dtype: torch.dtype | None):
     return run
 
 
-def domain_accuracies(model_logits, domains: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int,
-                      device: torch.device) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """({domain: accuracy, ..., "mean": mean over domains}, {domain: predictions [N]})."""
+def domain_accuracies(model_logits, domains: dict[str, ImageSet], batch_size: int, device: torch.device,
+                      workers: int = 0) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """({domain: accuracy, ..., "mean": mean over domains}, {domain: predictions [N]}); each
+    domain's labelled images streamed once."""
     acc, preds = {}, {}
-    for name, (images, labels) in domains.items():
-        pred = predict(model_logits, images, batch_size, device)
+    for name, images in domains.items():
+        pred = predict(model_logits, images, batch_size, device, workers)
         preds[name] = pred
-        acc[name] = round(float((pred == labels).float().mean()), 4)
+        acc[name] = round(float((pred == images.labels).float().mean()), 4)
     acc["mean"] = round(sum(acc[d] for d in domains) / len(domains), 4)
     return acc, preds
 
@@ -74,18 +76,19 @@ def harmonic_mean(a: float, b: float) -> float:
     return 0.0 if a + b == 0 else 2 * a * b / (a + b)
 
 
-def pooled_accuracy(model_logits, domains: dict[str, tuple[torch.Tensor, torch.Tensor]], keep: list[int],
-                    batch_size: int, device: torch.device) -> float:
+def pooled_accuracy(model_logits, domains: dict[str, ImageSet], keep: list[int], batch_size: int,
+                    device: torch.device, workers: int = 0) -> float:
     """Accuracy over every domain's images of the classes `keep`, predicting among `keep` only
     (the model scores exactly those classes, in that order)."""
     correct = total = 0
     remap = {c: i for i, c in enumerate(keep)}
-    for images, labels in domains.values():
+    for images in domains.values():
+        labels = images.labels
         mask = torch.tensor([int(y) in remap for y in labels.tolist()], dtype=torch.bool)
         if not mask.any():
             continue
         target = torch.tensor([remap[int(y)] for y in labels[mask].tolist()])
-        pred = predict(model_logits, images[mask], batch_size, device)
+        pred = predict(model_logits, images.subset(mask.nonzero().squeeze(1)), batch_size, device, workers)
         correct += int((pred == target).sum())
         total += int(mask.sum())
     return correct / max(1, total)

@@ -25,6 +25,12 @@ class ParamsError(PipelineError, ValueError):
 
 
 @dataclass(frozen=True)
+class DataParams:
+    workers: int
+    memory_budget_mb: float
+
+
+@dataclass(frozen=True)
 class WorldParams:
     source: str
     root: str
@@ -197,6 +203,7 @@ class Params:
     device: str
     precision: str
     threads: int
+    data: DataParams
     world: WorldParams
     teacher: ClipParams
     generator: GeneratorParams
@@ -257,7 +264,8 @@ POSITIVE |= {"generator.lr", "generator.ch", "synthesize.lr", "distill.lr"}
 NON_NEGATIVE = {"teacher.checkpoint_every", "student_clip.checkpoint_every", "generator.checkpoint_every",
                 "distill.checkpoint_every", "distill.holdout_images", "prompts.contrastive.bank_size", "prompts.contrastive.content_weight",
                 "distill.promptkd.n_prompts", "distill.promptkd.prompt_depth", "distill.kdpl.n_prompts",
-                "distill.kdpl.prompt_depth", "seed", "threads", "teacher.weight_decay",
+                "distill.kdpl.prompt_depth", "seed", "threads",
+                "data.workers", "data.memory_budget_mb", "teacher.weight_decay",
                 "student_clip.weight_decay", "distill.weight_decay", "generator.num_res_blocks", "synthesize.cut_pow"}
 NON_EMPTY = {"world.classes", "world.eval_domains", "world.train_styles", "text_features.templates",
              "generator.ch_mult"}

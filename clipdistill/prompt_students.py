@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from .clip_models import (CLIP_MEAN, CLIP_STD, ClipModel, ConvImageTower, CosineClassifier, build_clip, clip_logit_scale, clip_preprocess,
+from .clip_models import (ClipModel, ConvImageTower, CosineClassifier, build_clip, clip_logit_scale, clip_preprocess, model_preprocess,
                           load_open_clip)
 from .params import ParamsError
 from .runtime import PipelineError, read_word_list
@@ -156,10 +156,12 @@ class _FrozenClipStudent(nn.Module):
 
     frozen_prefixes: tuple[str, ...] = ()
 
-    def _init_io(self, image_size: int):
+    def _init_io(self, model, image_size: int):
+        """The small CLIP's input convention: its size, and its own mean and std."""
         self.image_size = image_size
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        prep = model_preprocess(model, image_size)
+        self.register_buffer("mean", torch.tensor(prep.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(prep.std).view(1, 3, 1, 1), persistent=False)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         return clip_preprocess(images, self.image_size, self.mean, self.std)
@@ -233,7 +235,7 @@ class PromptKDStudent(_FrozenClipStudent):
                  image_size: int | None = None, spec: dict | None = None, generator=None):
         super().__init__()
         model, spec, image_size, _ = _unwrap(clip, spec, image_size, None)
-        self._init_io(image_size)
+        self._init_io(model, image_size)
         self.spec = spec
         self.encoder = prompted_image_encoder(model.visual, n_prompts, prompt_depth, generator,
                                               "distill.promptkd.prompt_depth")
@@ -303,7 +305,7 @@ class KDPLStudent(_FrozenClipStudent):
                  context_length: int | None = None, spec: dict | None = None, generator=None):
         super().__init__()
         model, spec, image_size, context_length = _unwrap(clip, spec, image_size, context_length)
-        self._init_io(image_size)
+        self._init_io(model, image_size)
         self.spec = spec
         self.clip = model.requires_grad_(False).eval()
         self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length or model.context_length)

@@ -37,12 +37,15 @@ def file_digest(path: str | Path) -> str:
 
 
 def _fingerprint(path: Path, h) -> None:
-    """Files by content; folders by the relative path, size and mtime of every file in them
-    (hashing the contents of a million-image folder would take longer than the stage)."""
+    """Files by content; folders, and WebDataset tar shards, by the relative path, size and mtime of
+    every file (hashing the contents of a million-image folder would take longer than the stage)."""
     if path.is_dir():
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
             st = f.stat()
             h.update(f"{f.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    elif path.is_file() and path.suffix == ".tar":
+        st = path.stat()
+        h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     elif path.is_file():
         h.update(file_digest(path).encode())
     else:

@@ -14,6 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .augment import student_augment
+from .image_sets import EpochReader, ImageSet, batches as image_batches, sequential
 from .resumable import Checkpoints, EpochOrder, TensorState, TrainableState, run_steps
 from .runtime import Dist, PipelineError, autocast
 from .schedules import cosine_lr
@@ -31,13 +32,14 @@ def _sgd(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
 OPTIMIZERS = {"adamw": _adamw, "sgd": _sgd}  # `distill.optimizer`
 
 
-def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss_fn, *, temperature: float,
+def distill(student: torch.nn.Module, teacher_logits, images: ImageSet, loss_fn, *, temperature: float,
             epochs: int, batch_size: int, lr: float, weight_decay: float, augment: bool, optimizer: str = "adamw",
             generator: torch.Generator, device: torch.device, student_step=None,
             amp_dtype: torch.dtype | None = None, dist: Dist = Dist(),
-            checkpoints: Checkpoints | None = None,
-            holdout: torch.Tensor | None = None) -> tuple[list[float], list[float]]:
-    """Train `student` to match `teacher_logits(x) -> [B, C]` on uint8 `images` [N, 3, H, W].
+            checkpoints: Checkpoints | None = None, holdout: ImageSet | None = None,
+            workers: int = 0) -> tuple[list[float], list[float]]:
+    """Train `student` to match `teacher_logits(x) -> [B, C]` on `images` (uint8, in RAM or
+    streamed: each epoch's batches are decoded ahead by `workers` DataLoader processes).
 
     AdamW (or SGD with momentum 0.9, `optimizer="sgd"`, as CoOp, KDPL and PromptKD train prompts)
     with a cosine schedule and one warm-up epoch; only parameters with requires_grad train.
@@ -45,7 +47,8 @@ def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss
     `model(x)` when the student decides which classes a step scores (KDPL-CA's top-K); `model` is
     the student, DDP-wrapped under torchrun. Forward passes run under autocast at `amp_dtype`
     (None: fp32); the loss is fp32. `checkpoints` makes the run resumable (`resumable.run_steps`).
-    `holdout`: uint8 images kept out of `images`, on which the student's top class is compared
+    Augmentation runs on the device, after the copy, drawn from `generator`.
+    `holdout`: images kept out of `images`, on which the student's top class is compared
     with the teacher's after every epoch. Returns (per-step losses averaged over ranks, per-epoch
     agreement on `holdout`, empty without it); `epoch_losses` turns the losses into epoch means.
     """
@@ -61,15 +64,16 @@ def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss
     rank_slice = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
     trainable = [param for param in student.parameters() if param.requires_grad]
     opt = OPTIMIZERS[optimizer](trainable, lr=lr, weight_decay=weight_decay)
-    batches = EpochOrder(images.shape[0], batch_size, generator)
+    batches = EpochOrder(len(images), batch_size, generator)
+    reader = EpochReader(images, batches, workers)
     total = epochs * batches.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, batches.steps_per_epoch))
 
     def step(i: int) -> float:
-        x = images[batches.batch(i)].float().div(255)
+        x = reader.batch(i)[1].to(device, non_blocking=True).float().div(255)
         if augment:
             x = student_augment(x, generator)
-        x = x[rank_slice].to(device)
+        x = x[rank_slice]
         with autocast(device, amp_dtype):
             with torch.no_grad():
                 t = teacher_logits(x)
@@ -86,7 +90,7 @@ def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss
     def after_step(i: int) -> None:
         if holdout is not None and (i + 1) % batches.steps_per_epoch == 0:
             agreement.tensor[(i + 1) // batches.steps_per_epoch - 1] = top1_agreement(
-                student, teacher_logits, holdout, batch_size, device, amp_dtype)
+                student, teacher_logits, holdout, batch_size, device, amp_dtype, workers)
 
     state = {"student": TrainableState(student), "optimizer": opt, "scheduler": sched, "batches": batches,
              "agreement": agreement}
@@ -97,15 +101,15 @@ def distill(student: torch.nn.Module, teacher_logits, images: torch.Tensor, loss
 
 
 @torch.no_grad()
-def top1_agreement(student, teacher_logits, images: torch.Tensor, batch_size: int, device: torch.device,
-                   amp_dtype: torch.dtype | None = None) -> float:
-    """Share of uint8 `images` on which the student's top class is the teacher's (eval mode for the
+def top1_agreement(student, teacher_logits, images: ImageSet, batch_size: int, device: torch.device,
+                   amp_dtype: torch.dtype | None = None, workers: int = 0) -> float:
+    """Share of `images` on which the student's top class is the teacher's (eval mode for the
     measurement, then back to the mode it was in)."""
     was_training = student.training
     student.eval()
     same = 0
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].float().div(255).to(device)
+    for x in image_batches(images, sequential(len(images), batch_size), workers=workers, device=device):
+        x = x.float().div(255)
         with autocast(device, amp_dtype):
             same += int((student(x).argmax(-1) == teacher_logits(x).argmax(-1)).sum())
     student.train(was_training)
@@ -127,10 +131,9 @@ def _rank_mean(value: torch.Tensor, dist: Dist) -> float:
 
 
 @torch.no_grad()
-def predict(model_logits, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Argmax predictions [N] of `model_logits(x) -> [B, C]` over uint8 images [N, 3, H, W]."""
+def predict(model_logits, images: ImageSet, batch_size: int, device: torch.device, workers: int = 0) -> torch.Tensor:
+    """Argmax predictions [N] of `model_logits(x) -> [B, C]` over `images`, streamed in order."""
     preds = []
-    for i in range(0, images.shape[0], batch_size):
-        x = images[i:i + batch_size].float().div(255).to(device)
-        preds.append(model_logits(x).argmax(-1).cpu())
+    for x in image_batches(images, sequential(len(images), batch_size), workers=workers, device=device):
+        preds.append(model_logits(x.float().div(255)).argmax(-1).cpu())
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)

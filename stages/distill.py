@@ -5,7 +5,9 @@ PromptKD's shared class vectors) | promptkd (frozen smaller CLIP image tower + v
 projector, logits against the stored class vectors) | kdpl (smaller CLIP with CoOp context and
 its own text tower; teacher logits at the student's logit scale; distill.class_agnostic: KDPL-CA).
 distill.images: synthetic (data-free, the default) | world (the world's train images, labels
-discarded) | a folder of unlabeled images.
+discarded) | a folder of unlabeled images | WebDataset tar shards (`data/imagenet/{00000..01023}.tar`).
+A set under data.memory_budget_mb decoded is read into RAM once; a larger one streams, decoded by
+data.workers DataLoader processes (clipdistill/image_sets.py).
 With distill.base_to_novel, a second student trains on the first half of the classes only
 (student_b2n.pt) for the base-to-novel evaluation. Each student's own keys are under
 distill.<student> (distill.cnn, distill.promptkd, distill.kdpl).
@@ -27,8 +29,9 @@ from dataclasses import asdict
 
 import torch
 
-from clipdistill.clip_models import load_clip
-from clipdistill.data import load_shards, load_unlabeled_folder
+from clipdistill.clip_models import decoding, load_clip
+from clipdistill.data import load_shards, load_unlabeled
+from clipdistill.image_sets import ImageSet, expand_shards, fit_in_memory, is_tar_pattern
 from clipdistill.live import LIVE_DIR, scheduled_lrs, write_curves
 from clipdistill.losses import get_loss
 from clipdistill.params import load_params
@@ -46,29 +49,28 @@ from clipdistill.training import distill, epoch_losses
 DICTIONARY_TEMPLATES = ["a photo of a {}."]
 
 
-def training_images(params, args) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 images [N, 3, S, S], class index per image or -1). The index only selects the base
-    classes' images for base-to-novel; training itself never reads it."""
+def training_images(params, args, teacher) -> ImageSet:
+    """The training images with a class index per image or -1 (`.labels`). The index only selects
+    the base classes' images for base-to-novel; training itself never reads it."""
     if params.distill.images == "synthetic":
-        images, index = load_shards(args.synth)
-        return images, torch.tensor(index["label"].to_numpy())
-    root = Path(args.world) / "train" if params.distill.images == "world" else Path(params.distill.images)
-    return load_unlabeled_folder(root, list(params.world.classes), params.world.image_size)
+        return load_shards(args.synth, params.world.image_size)[0]
+    source = Path(args.world) / "train" if params.distill.images == "world" else params.distill.images
+    return load_unlabeled(source, list(params.world.classes), decoding(teacher, params.world.image_size))
 
 
-def split_holdout(images: torch.Tensor, labels: torch.Tensor, n: int):
-    """(train images, train labels, held-out images): `n` evenly spaced images kept out of training."""
+def split_holdout(images: ImageSet, n: int) -> tuple[ImageSet, ImageSet | None]:
+    """(train images, held-out images): `n` evenly spaced images kept out of training."""
     if n == 0:
-        return images, labels, None
+        return images, None
     if n > len(images) // 2:
         raise PipelineError(f"distill.holdout_images is {n}, more than half of the {len(images)} training images")
     out = torch.zeros(len(images), dtype=torch.bool)
     out[torch.linspace(0, len(images) - 1, n).round().long()] = True
-    return images[~out], labels[~out], images[out]
+    return images.subset((~out).nonzero().squeeze(1)), images.subset(out.nonzero().squeeze(1))
 
 
 def train_student(params, classes, vectors, images, teacher, small_clip, generator, device,
-                  checkpoints: Checkpoints, dist: Dist = Dist(), holdout: torch.Tensor | None = None):
+                  checkpoints: Checkpoints, dist: Dist = Dist(), holdout: ImageSet | None = None):
     """One student over `classes` (teacher class vectors `vectors` [C, D]) on `images`; returns
     (student on CPU, per-step losses, per-epoch agreement on `holdout`)."""
     kind = params.distill.student
@@ -100,7 +102,7 @@ def train_student(params, classes, vectors, images, teacher, small_clip, generat
                                 augment=params.distill.augment, optimizer=params.distill.optimizer,
                                 generator=generator, device=device, student_step=student_step,
                                 amp_dtype=resolve_precision(params.precision, device), dist=dist,
-                                checkpoints=checkpoints, holdout=holdout)
+                                checkpoints=checkpoints, holdout=holdout, workers=params.data.workers)
     student.set_classes(classes, vectors.cpu())  # KDPL-CA: back from the dictionary to the task's classes
     return student.cpu(), losses, agreement
 
@@ -120,14 +122,17 @@ def main():
     params = load_params(args.params)
     dist, device = init_distributed(setup_torch(params.device, params.threads))
     generator = seed_everything(params.seed)
-    images, labels, holdout = split_holdout(*training_images(params, args), params.distill.holdout_images)
     teacher = load_clip(args.teacher, device)
+    images = fit_in_memory(training_images(params, args, teacher), params.data.memory_budget_mb, params.data.workers,
+                           "distill")
+    images, holdout = split_holdout(images, params.distill.holdout_images)
     small_clip = load_clip(args.student_clip, device) if params.distill.student != "cnn" else None
     stored = load_class_vectors(args.text_features)
     classes, vectors = list(stored["classes"]), stored["features"].to(device)
     inputs = [args.teacher, args.text_features, args.student_clip]
-    inputs += [args.synth] if params.distill.images == "synthetic" else [
-        Path(args.world) / "train" if params.distill.images == "world" else params.distill.images]
+    inputs += ([args.synth] if params.distill.images == "synthetic" else [Path(args.world) / "train"]
+               if params.distill.images == "world" else expand_shards(params.distill.images)
+               if is_tar_pattern(params.distill.images) else [params.distill.images])
     checkpoints = Checkpoints.for_stage(
         args.out, {"distill": asdict(params.distill), "seed": params.seed, "threads": params.threads,
                    "device": params.device, "precision": params.precision, "processes": dist.processes},
@@ -141,12 +146,13 @@ def main():
         n_base = len(classes) // 2
         if n_base < 1:
             raise PipelineError("distill.base_to_novel needs at least 2 classes")
-        keep = (labels >= 0) & (labels < n_base)
+        keep = (images.labels >= 0) & (images.labels < n_base)
         if keep.sum() < params.distill.batch_size:
             raise PipelineError(f"distill.base_to_novel: only {int(keep.sum())} training images belong to the base "
                                 f"classes {classes[:n_base]} (a folder must be <root>/<domain>/<class>/*)")
-        base_student, _, _ = train_student(params, classes[:n_base], vectors[:n_base], images[keep], teacher,
-                                        small_clip, generator, device, checkpoints.sub("student_b2n"), dist)
+        base_student, _, _ = train_student(params, classes[:n_base], vectors[:n_base],
+                                           images.subset(keep.nonzero().squeeze(1)), teacher,
+                                           small_clip, generator, device, checkpoints.sub("student_b2n"), dist)
     dist.close()
     if not dist.main:
         return
@@ -158,7 +164,7 @@ def main():
         write_curves(tmp / LIVE_DIR, curves)
     checkpoints.clear()
     print(f"distill: {params.distill.student} student, {len(history) and history[-1]['epoch'] + 1} epochs on "
-          f"{images.shape[0]} {params.distill.images} images, final loss {history[-1]['loss']:.4f}")
+          f"{len(images)} {params.distill.images} images, final loss {history[-1]['loss']:.4f}")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd
 import torch
 
-from clipdistill.clip_models import load_clip
-from clipdistill.data import load_domain_folder, world_test_root
+from clipdistill.clip_models import decoding, load_clip
+from clipdistill.data import fit_domains, load_domain_folder, world_test_root
 from clipdistill.evaluation import (count_parameters, domain_accuracies, gflops_per_image, harmonic_mean,
                                     images_per_second, pooled_accuracy, with_autocast)
 from clipdistill.params import load_params
@@ -27,7 +27,7 @@ from clipdistill.students import load_student
 from clipdistill.text import class_vectors, load_class_vectors
 
 
-def base_to_novel(student, classes, vectors, data, batch_size, device, amp) -> dict:
+def base_to_novel(student, classes, vectors, data, batch_size, device, amp, workers) -> dict:
     """PromptKD/KDPL's protocol: a student trained on the base half of the classes, scored on
     base-class images among the base classes and on novel-class images among the novel ones."""
     n_base = len(classes) // 2
@@ -35,7 +35,8 @@ def base_to_novel(student, classes, vectors, data, batch_size, device, amp) -> d
     for split, keep in (("base", list(range(n_base))), ("novel", list(range(n_base, len(classes))))):
         student.set_classes([classes[i] for i in keep], vectors[keep].cpu())
         student.to(device)
-        out[split] = round(pooled_accuracy(with_autocast(student, device, amp), data, keep, batch_size, device), 4)
+        out[split] = round(pooled_accuracy(with_autocast(student, device, amp), data, keep, batch_size, device,
+                                                   workers), 4)
     out["hm"] = round(harmonic_mean(out["base"], out["novel"]), 4)
     return out
 
@@ -60,18 +61,20 @@ def main():
     datasets = {"world": (world_test_root(params, args.world), params.world.eval_domains)}
     datasets.update({dataset.name: (Path(dataset.path), None) for dataset in params.eval.datasets})
     metrics, rows, confusion = {}, [], None
+    prep, workers, batch_size = decoding(teacher, params.world.image_size), params.data.workers, params.eval.batch_size
     for name, (root, domains) in datasets.items():
-        data = load_domain_folder(root, classes, params.world.image_size, domains)
-        t_acc, _ = domain_accuracies(teacher_logits, data, params.eval.batch_size, device)
-        s_acc, s_pred = domain_accuracies(student_logits, data, params.eval.batch_size, device)
+        data = fit_domains(load_domain_folder(root, classes, prep, domains), params.data.memory_budget_mb, workers,
+                           f"evaluate: {name}")
+        t_acc, _ = domain_accuracies(teacher_logits, data, batch_size, device, workers)
+        s_acc, s_pred = domain_accuracies(student_logits, data, batch_size, device, workers)
         entry = {"teacher": t_acc, "student": s_acc}
-        entry["student_zero_shot"] = domain_accuracies(zero_shot_logits, data, params.eval.batch_size, device)[0]
+        entry["student_zero_shot"] = domain_accuracies(zero_shot_logits, data, batch_size, device, workers)[0]
         if name == "world":
             metrics.update(entry)
             if (Path(args.student) / "student_b2n.pt").is_file():
                 metrics["base_to_novel"] = base_to_novel(load_student(Path(args.student) / "student_b2n.pt", device),
-                                                         classes, vectors, data, params.eval.batch_size, device, amp)
-            confusion = pd.concat([pd.DataFrame({"actual": [classes[i] for i in data[dom][1].tolist()],
+                                                         classes, vectors, data, batch_size, device, amp, workers)
+            confusion = pd.concat([pd.DataFrame({"actual": [classes[i] for i in data[dom].labels.tolist()],
                                                  "predicted": [classes[i] for i in s_pred[dom].tolist()]})
                                    for dom in data])
         else:

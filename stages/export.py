@@ -18,13 +18,26 @@ from dataclasses import asdict
 
 import torch
 
-from clipdistill.clip_models import CosineClassifier, load_clip
+from clipdistill.clip_models import CosineClassifier, decoding, load_clip
 from clipdistill.data import load_domain_folder, world_test_root
+from clipdistill.image_sets import decode_all
 from clipdistill.export import export_classifier
 from clipdistill.params import load_params
 from clipdistill.runtime import atomic_dir, run_stage, setup_torch, stage_args, write_json
 from clipdistill.students import load_student
 from clipdistill.text import load_class_vectors
+
+
+def parity_images(domains: dict, n: int, workers: int) -> torch.Tensor:
+    """About `n` evaluation images, evenly spaced over the domains in order, decoded (uint8)."""
+    total = sum(len(images) for images in domains.values())
+    step = max(1, -(-total // n))
+    picked, offset = [], 0
+    for images in domains.values():
+        first = (-offset) % step  # the global stride continues across domains
+        picked.append(decode_all(images.subset(torch.arange(first, len(images), step)), workers).images)
+        offset += len(images)
+    return torch.cat(picked)
 
 
 def main():
@@ -34,11 +47,10 @@ def main():
     stored = load_class_vectors(args.text_features)
     classes = list(stored["classes"])
     size = params.world.image_size
-    data = load_domain_folder(world_test_root(params, args.world), classes, size, params.world.eval_domains)
-    images = torch.cat([domain_images for domain_images, _ in data.values()])
-    step = max(1, -(-len(images) // params.export.parity_images))
-    images = images[::step]
     teacher = load_clip(args.teacher)
+    images = parity_images(load_domain_folder(world_test_root(params, args.world), classes, decoding(teacher, size),
+                                              params.world.eval_domains), params.export.parity_images,
+                           params.data.workers)
     made_by = {"student": params.distill.student, "teacher": teacher.spec, "seed": params.seed,
                "params_sha256": hashlib.sha256(json.dumps(asdict(params), sort_keys=True).encode()).hexdigest()}
     models = {"student": load_student(Path(args.student) / "student.pt").classifier(),

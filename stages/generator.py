@@ -14,9 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataclasses import asdict
 
+import torch
+
 from clipdistill.data import load_captioned_split, load_domain_folder, world_test_root
+from clipdistill.image_sets import decode_all
 from clipdistill.live import LIVE_DIR, write_curves
 from clipdistill.params import load_params
+from clipdistill.preprocess import clip_default
 from clipdistill.resumable import Checkpoints
 from clipdistill.runtime import atomic_dir, run_stage, seed_everything, setup_torch, stage_args, write_json
 from clipdistill.taming_release import load_taming_checkpoint
@@ -35,7 +39,8 @@ def main():
         cfg = embedded_vqgan_config(params.generator, size)
         model = VQGAN(cfg).to(device)
         world_train = Path(args.world) / "train"
-        images, _, _ = load_captioned_split(world_train, size)
+        # The rendered world's train split: small by construction, trained on from RAM.
+        images = decode_all(load_captioned_split(world_train, clip_default(size))[0], params.data.workers).images
         checkpoints = Checkpoints.for_stage(
             args.out, {"generator": asdict(params.generator), "seed": params.seed, "threads": params.threads,
                        "device": params.device, "image_size": size}, [world_train], params.generator.checkpoint_every)
@@ -50,10 +55,12 @@ def main():
         summary = {"source": "taming", "config": params.generator.taming_config,
                    "checkpoint": params.generator.taming_checkpoint}
         curves = {"loss": [], "lr": []}  # an official release: nothing trained here
-    test = load_domain_folder(world_test_root(params, args.world), list(params.world.classes), size,
+    test = load_domain_folder(world_test_root(params, args.world), list(params.world.classes), clip_default(size),
                               params.world.eval_domains)
-    # At most PSNR_IMAGES evenly spaced images per domain: a real dataset has thousands.
-    test = {dom: imgs[::max(1, len(imgs) // PSNR_IMAGES)][:PSNR_IMAGES] for dom, (imgs, _) in test.items()}
+    # At most PSNR_IMAGES evenly spaced images per domain (a real dataset has thousands), decoded
+    # with CLIP's shortest-side resize and centre crop, as the teacher sees them.
+    test = {dom: decode_all(imgs.subset(torch.arange(0, len(imgs), max(1, len(imgs) // PSNR_IMAGES))[:PSNR_IMAGES]),
+                            params.data.workers).images for dom, imgs in test.items()}
     batch = max(1, 256 * 32 * 32 // (size * size))  # 256 images at 32 px, 5 at 224 px
     psnr = {dom: round(reconstruction_psnr(model, imgs.float().div(255).to(device), batch), 2)
             for dom, imgs in test.items()}

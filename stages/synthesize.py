@@ -1,7 +1,9 @@
 """Stage `synthesize`: VQGAN-CLIP images for every prompt, batched, sharded and resumable.
 
-Writes <out>/shards/shard_*.pt, <out>/index.csv (shard, row, prompt_id, class, label, prompt,
-seed, teacher_confidence) and <out>/preview.png. Killing it and rerunning keeps finished shards.
+Writes <out>/shards/shard_*.tar (WebDataset shards: <prompt id>.png, .cls, .json per image),
+<out>/index.csv (shard, row, prompt_id, class, label, prompt, seed, teacher_confidence) and
+<out>/preview.png. Killing it and rerunning keeps finished shards. The output is read one shard
+at a time, so its memory does not grow with the number of images.
 
 Under torchrun (`torchrun --nproc_per_node N stages/synthesize.py ...`) rank r synthesizes shards
 r, r + N, r + 2N, ... (one GPU each on CUDA); rank 0 waits for all, then assembles the output.
@@ -26,24 +28,38 @@ from clipdistill.prompts import load_prompts
 from clipdistill.runtime import (atomic_dir, channels_last, init_distributed, resolve_precision, run_stage, setup_torch,
                                  stage_args, write_json)
 from clipdistill.resumable import remove_work_dir, work_dir, work_key
-from clipdistill.shards import finalize, load_shard, preview_grid, save_shard, shard_name, shard_ranges
+from clipdistill.shards import (PREVIEW_PER_CLASS, finalize, load_shard, preview_grid, save_shard, shard_name,
+                                shard_ranges)
 from clipdistill.synthesis import synthesize_shard
 from clipdistill.text import load_class_vectors
 from clipdistill.vqgan import load_checkpoint as load_vqgan
 
 
-def index_rows(work: Path, ranges: list[tuple[int, int]], table: pd.DataFrame) -> tuple[list[dict], torch.Tensor]:
-    """index.csv's rows and all images (uint8 [N, 3, H, W]) from the finished shards."""
-    rows, images = [], []
-    for i, _ in enumerate(ranges):
+def index_rows(i: int, shard: dict, table: pd.DataFrame) -> list[dict]:
+    """index.csv's rows of shard `i`."""
+    return [{"shard": shard_name(i), "row": r, "prompt_id": pid, "class": table["class"][pid],
+             "label": int(table["label"][pid]), "prompt": table["text"][pid],
+             "description": table["description"][pid], "seed": int(shard["seeds"][r]),
+             "teacher_confidence": round(float(shard["confidence"][r]), 6)}
+            for r, pid in enumerate(shard["prompt_ids"].tolist())]
+
+
+def summarize(work: Path, n_shards: int, table: pd.DataFrame, teacher, device, n_classes: int,
+              per_row: int = PREVIEW_PER_CLASS) -> tuple[pd.DataFrame, torch.Tensor, torch.Tensor]:
+    """(index table, teacher features [N, D] of every image, the preview's images) from the
+    finished shards, one shard in memory at a time."""
+    rows, feats, preview = [], [], {c: [] for c in range(n_classes)}
+    for i in range(n_shards):
         shard = load_shard(work / shard_name(i))
-        images.append(shard["images"])
-        for r, pid in enumerate(shard["prompt_ids"].tolist()):
-            rows.append({"shard": shard_name(i), "row": r, "prompt_id": pid, "class": table["class"][pid],
-                         "label": int(table["label"][pid]), "prompt": table["text"][pid],
-                         "description": table["description"][pid], "seed": int(shard["seeds"][r]),
-                         "teacher_confidence": round(float(shard["confidence"][r]), 6)})
-    return rows, torch.cat(images)
+        shard_rows = index_rows(i, shard, table)
+        rows += shard_rows
+        with torch.no_grad():
+            feats += [teacher.encode_image(shard["images"][b:b + 256].float().div(255).to(device)).cpu()
+                      for b in range(0, len(shard["images"]), 256)]
+        for r, row in enumerate(shard_rows):
+            if len(preview[row["label"]]) < per_row:
+                preview[row["label"]].append(shard["images"][r])
+    return pd.DataFrame(rows), torch.cat(feats), preview
 
 
 def main():
@@ -81,26 +97,23 @@ def main():
                                  cut_pow=params.synthesize.cut_pow, min_cut=params.synthesize.min_cut,
                                  augment=params.synthesize.augment,
                                  amp_dtype=resolve_precision(params.precision, device))
-        save_shard(work / shard_name(i), **shard)
+        save_shard(work / shard_name(i), shard.pop("images"), [f"{pid:09d}" for pid in shard["prompt_ids"].tolist()],
+                   labels=labels[shard["prompt_ids"]].cpu(), **shard)
     bar.close()
     dist.barrier()  # every rank's shards are on disk
     if not dist.main:
         dist.close()
         return
 
-    rows, images = index_rows(work, ranges, table)
-    index = pd.DataFrame(rows)
     # Xuan et al.'s diversity, measured: per class, mean pairwise cosine distance of the images'
     # teacher features (the prompts stage reports the same for the prompts' text features).
-    with torch.no_grad():
-        feats = torch.cat([teacher.encode_image(images[i:i + 256].float().div(255).to(device)).cpu()
-                           for i in range(0, len(images), 256)])
+    index, feats, preview = summarize(work, len(ranges), table, teacher, device, len(params.world.classes))
     metrics = {"image_diversity": diversity_report(feats, index["label"].tolist(), list(params.world.classes)),
                "teacher_confidence": round(float(index["teacher_confidence"].mean()), 4)}
     with atomic_dir(out) as tmp:
         index.to_csv(tmp / "index.csv", index=False)
         write_json(tmp / "metrics.json", metrics)
-        preview_grid(images, index["label"].tolist(), len(params.world.classes)).save(tmp / "preview.png")
+        preview_grid(preview).save(tmp / "preview.png")
         finalize(work, tmp, [shard_name(i) for i in range(len(ranges))])
     remove_work_dir(work)
     dist.close()

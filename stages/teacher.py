@@ -17,6 +17,7 @@ from dataclasses import asdict
 from clipdistill.clip_models import CLIP_FILE, embedded_clip_from_params, load_open_clip, save_clip
 from clipdistill.clip_training import clip_lr_factor, train_clip
 from clipdistill.data import load_captioned_split
+from clipdistill.image_sets import fit_in_memory
 from clipdistill.live import LIVE_DIR, scheduled_lrs, write_curves
 from clipdistill.params import load_params
 from clipdistill.resumable import Checkpoints
@@ -42,11 +43,12 @@ def main():
         checkpoints = Checkpoints.for_stage(
             args.out, {args.section: asdict(section), "seed": params.seed, "threads": params.threads,
                        "device": params.device, "image_size": image_size}, [world_train], section.checkpoint_every)
-        images, captions, _ = load_captioned_split(world_train, image_size)
         model = embedded_clip_from_params(section, image_size)
+        images, captions, _ = load_captioned_split(world_train, model.prep)
+        images = fit_in_memory(images, params.data.memory_budget_mb, params.data.workers, args.section)
         losses = train_clip(model, images, captions, epochs=section.epochs, batch_size=section.batch_size,
                             lr=section.lr, weight_decay=section.weight_decay, generator=generator, device=device,
-                            checkpoints=checkpoints, desc=args.section)
+                            checkpoints=checkpoints, desc=args.section, workers=params.data.workers)
         summary.update(final_loss=sum(losses[-20:]) / len(losses[-20:]), steps=len(losses),
                        logit_scale=model.logit_scale)
         curves = {"loss": losses, "lr": scheduled_lrs(section.lr, clip_lr_factor(len(losses)), len(losses))}

@@ -17,8 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd
 
-from clipdistill.data import list_images, load_domain_folder
+from clipdistill.data import check_readable, list_images, load_domain_folder
 from clipdistill.params import load_params
+from clipdistill.preprocess import clip_default
 from clipdistill.runtime import PipelineError, atomic_dir, run_stage, stage_args
 from clipdistill.world import render_split
 
@@ -35,13 +36,15 @@ def main():
             if not root.is_dir():
                 raise PipelineError(f"image folder not found: {root} (world.root): download the dataset (for PACS, its "
                                     f"kfold folder) and place it so that {root}/<domain>/<class>/ holds the images")
-            # Reads every image once: a corrupt file fails here, with its name, not hours later.
-            data = load_domain_folder(root, list(params.world.classes), 8, list(params.world.eval_domains))
+            # Decodes every image once (and keeps none): a corrupt file fails here, with its name, not hours later.
+            data = load_domain_folder(root, list(params.world.classes), clip_default(8), list(params.world.eval_domains))
+            for images in data.values():
+                check_readable(images, params.data.workers)
             rows = [{"domain": dom, "class": cls, "path": str(f.relative_to(root)), "bytes": f.stat().st_size}
                     for dom in params.world.eval_domains for cls in params.world.classes if (root / dom / cls).is_dir()
                     for f in list_images(root / dom / cls)]
             pd.DataFrame(rows).to_csv(tmp / "manifest.csv", index=False)
-            counts = {dom: len(labels) for dom, (_, labels) in data.items()}
+            counts = {dom: len(images) for dom, images in data.items()}
             print(f"world: folder {root}: {counts} images in {len(params.world.classes)} classes")
             return
         n_train = render_split(tmp, "train", params.world.classes, params.world.train_styles, params.world.train_per_class_style,

@@ -165,7 +165,7 @@ def truncated_features(tmp, art):
 
 
 def truncated_shard(tmp, art):
-    truncate(copy_artifact(art, "synth", tmp) / "shards" / "shard_00000.pt")
+    truncate(copy_artifact(art, "synth", tmp) / "shards" / "shard_00000.tar")
 
 
 def embedded_teacher_weights(tmp, art):
@@ -295,7 +295,7 @@ ROWS = [
         args={"teacher": "{tmp}/teacher"}, prepare=student_as_teacher),
     bad("prompt-features-truncated", "synthesize", ["prompt features", "{tmp}/prompts/features.pt", "unreadable"],
         args={"prompts": "{tmp}/prompts"}, prepare=truncated_features),
-    bad("synth-shard-truncated", "distill", ["shard", "{tmp}/synth/shards/shard_00000.pt", "unreadable"],
+    bad("synth-shard-truncated", "distill", ["shard", "{tmp}/synth/shards/shard_00000.tar", "unreadable"],
         args={"synth": "{tmp}/synth"}, prepare=truncated_shard),
     # word lists: prompts.mix.styles_file, distill.kdpl.classnames_file
     bad("styles-file-empty", "prompts", ["style dictionary", "{tmp}/styles.txt", "is empty"], sets=MIX,

@@ -3,7 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
-from clipdistill.data import load_domain_folder
+from clipdistill.data import check_readable, load_domain_folder
+from clipdistill.image_sets import decode_all
+from clipdistill.preprocess import clip_default
 from clipdistill.runtime import PipelineError, atomic_dir
 from clipdistill.shards import load_shard, save_shard, shard_ranges
 
@@ -18,10 +20,10 @@ def make_folder(root, domains=("photo",), classes=("circle", "star"), n=2):
 
 def test_domain_folder_loads_labels_by_class_name(tmp_path):
     make_folder(tmp_path, domains=("photo", "sketch"), classes=("star", "circle"))
-    data = load_domain_folder(tmp_path, ["circle", "star", "heart"], 16)
-    images, labels = data["photo"]
-    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
-    assert sorted(labels.tolist()) == [0, 0, 1, 1]
+    data = load_domain_folder(tmp_path, ["circle", "star", "heart"], clip_default(16))
+    photo = decode_all(data["photo"], workers=0)
+    assert photo.images.shape == (4, 3, 16, 16) and photo.images.dtype == torch.uint8
+    assert sorted(photo.labels.tolist()) == [0, 0, 1, 1]
 
 
 @pytest.mark.parametrize("problem, needle", [
@@ -51,7 +53,8 @@ def test_bad_folders_fail_naming_the_path(tmp_path, problem, needle):
         for d in ("circle", "star"):
             (root / "photo" / d).rmdir()
     with pytest.raises(PipelineError, match=needle) as err:
-        load_domain_folder(root, ["circle", "star"], 16)
+        for images in load_domain_folder(root, ["circle", "star"], clip_default(16)).values():
+            check_readable(images, workers=0)
     assert "\n" not in str(err.value)
 
 
@@ -68,8 +71,12 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
 
 
 def test_shards_round_trip_and_corrupt_shard_is_redone(tmp_path):
-    save_shard(tmp_path / "s.pt", torch.zeros(2, 3, 4, 4, dtype=torch.uint8), prompt_ids=torch.arange(2))
-    assert load_shard(tmp_path / "s.pt")["prompt_ids"].tolist() == [0, 1]
-    (tmp_path / "t.pt").write_bytes(b"truncated")
-    assert load_shard(tmp_path / "t.pt") is None and load_shard(tmp_path / "absent.pt") is None
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    save_shard(tmp_path / "s.tar", images, ["000000007", "000000008"], prompt_ids=torch.tensor([7, 8]),
+               confidence=torch.tensor([0.25, 0.125]))
+    shard = load_shard(tmp_path / "s.tar")
+    assert torch.equal(shard["images"], images) and shard["prompt_ids"].tolist() == [7, 8]
+    assert shard["confidence"].tolist() == [0.25, 0.125] and shard["keys"] == ["000000007", "000000008"]
+    (tmp_path / "t.tar").write_bytes((tmp_path / "s.tar").read_bytes()[:700])
+    assert load_shard(tmp_path / "t.tar") is None and load_shard(tmp_path / "absent.tar") is None
     assert shard_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]

@@ -28,7 +28,7 @@ KILLS = {
     "teacher": ("artifacts/teacher", "artifacts/.teacher.work", "*/step_*.pt", 2 * EVERY),
     "student_clip": ("artifacts/student_clip", "artifacts/.student_clip.work", "*/step_*.pt", 2 * EVERY),
     "generator": ("artifacts/generator", "artifacts/.generator.work", "*/step_*.pt", 2 * EVERY),
-    "synthesize": ("artifacts/synth", "artifacts/.synth.work", "*/shard_*.pt", 2),
+    "synthesize": ("artifacts/synth", "artifacts/.synth.work", "*/shard_*.tar", 2),
     "distill": ("artifacts/student", "artifacts/.student.work", "*/student/step_*.pt", 2 * EVERY),
 }
 
@@ -80,7 +80,7 @@ def repro_killed_in(project: Path, stage: str) -> str:
 
     def reached() -> bool:
         files = list((project / work).glob(pattern))
-        if pattern.endswith("shard_*.pt"):
+        if pattern.endswith("shard_*.tar"):
             return len(files) >= second
         return any(int(re.search(r"step_(\d+)", f.name).group(1)) >= second for f in files)
 

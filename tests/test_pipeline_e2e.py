@@ -28,7 +28,7 @@ def test_repro_runs_every_stage_and_writes_metrics(project):
     speed = json.loads((dst / "artifacts/eval/speed.json").read_text())
     assert speed["student"]["gflops_per_image"] > 0 and speed["teacher"]["images_per_s"] > 0
     assert (dst / "artifacts/synth/preview.png").is_file()
-    assert len(list((dst / "artifacts/synth/shards").glob("shard_*.pt"))) == 3  # 9 prompts / shard_size 4
+    assert len(list((dst / "artifacts/synth/shards").glob("shard_*.tar"))) == 3  # 9 prompts / shard_size 4
     assert not (dst / "artifacts/.synth.work").exists()
 
 
@@ -95,6 +95,8 @@ def test_interrupted_synthesis_resumes_from_finished_shards(project):
 
     import torch
 
+    from clipdistill.shards import load_shard, save_shard
+
     dst, _ = project
     cmd = [sys.executable, "stages/synthesize.py", "--prompts", "artifacts/prompts", "--generator",
            "artifacts/generator", "--teacher", "artifacts/teacher", "--text_features", "artifacts/text_features",
@@ -106,18 +108,16 @@ def test_interrupted_synthesis_resumes_from_finished_shards(project):
     # half-written temp file.
     work = dst / "artifacts/.synth_resume.work" / key
     work.mkdir(parents=True)
-    shard = torch.load(full / "shard_00000.pt", weights_only=True)
-    shard["images"] = torch.zeros_like(shard["images"])
-    torch.save(shard, work / "shard_00000.pt")
-    (work / ".shard_00001.pt.tmp").write_bytes(b"partial")
+    shard = load_shard(full / "shard_00000.tar")
+    keys, images = shard.pop("keys"), torch.zeros_like(shard.pop("images"))
+    save_shard(work / "shard_00000.tar", images, keys, **shard)
+    (work / ".shard_00001.tar.tmp").write_bytes(b"partial")
     out = run(cmd, dst).stdout
     assert "1 already done" in out
     resumed = dst / "artifacts/synth_resume/shards"
-    assert torch.load(resumed / "shard_00000.pt", weights_only=True)["images"].sum() == 0  # kept, not redone
-    for name in ("shard_00001.pt", "shard_00002.pt"):
-        a = torch.load(resumed / name, weights_only=True)["images"]
-        b = torch.load(dst / "artifacts/synth/shards" / name, weights_only=True)["images"]
-        assert torch.equal(a, b)
+    assert load_shard(resumed / "shard_00000.tar")["images"].sum() == 0  # kept, not redone
+    for name in ("shard_00001.tar", "shard_00002.tar"):
+        assert (resumed / name).read_bytes() == (dst / "artifacts/synth/shards" / name).read_bytes()
 
 
 @pytest.mark.parametrize("sets", [
@@ -149,17 +149,16 @@ def test_torchrun_synthesis_on_two_processes_writes_the_same_shards(project):
     """Two gloo ranks split the shards (0 and 2 on rank 0, 1 on rank 1) and rank 0 assembles them:
     the output equals the single-process run's, image for image."""
     import pandas as pd
-    import torch
 
     dst, _ = project
     out = run([*TORCHRUN, "stages/synthesize.py", *SYNTH_ARGS, "--out", "artifacts/synth_2p"], dst)
     assert "rank 0/2: 2 shards" in out.stdout and "rank 1/2: 1 shards" in out.stdout
     one, two = dst / "artifacts/synth", dst / "artifacts/synth_2p"
     assert pd.read_csv(one / "index.csv").equals(pd.read_csv(two / "index.csv"))
-    for shard in sorted((one / "shards").glob("shard_*.pt")):
-        a = torch.load(shard, weights_only=True)
-        b = torch.load(two / "shards" / shard.name, weights_only=True)
-        assert torch.equal(a["images"], b["images"]) and torch.equal(a["prompt_ids"], b["prompt_ids"])
+    shards = sorted((one / "shards").glob("shard_*.tar"))
+    assert len(shards) == 3
+    for shard in shards:  # byte for byte: the tar members carry no time or owner of the run
+        assert shard.read_bytes() == (two / "shards" / shard.name).read_bytes()
     assert not (dst / "artifacts/.synth_2p.work").exists()
 
 

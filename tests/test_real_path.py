@@ -12,7 +12,9 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from clipdistill.clip_models import CLIP_MEAN, CLIP_STD, load_open_clip, load_clip, save_clip
+from clipdistill.clip_models import load_open_clip, load_clip, save_clip
+from clipdistill.preprocess import CLIP_MEAN, CLIP_STD
+from clipdistill.shards import load_shard
 from clipdistill.runtime import PipelineError
 
 from project import ROOT, STAGES, committed_copy, ran_stages, run
@@ -135,7 +137,7 @@ def test_real_architecture_smoke_run(preset_project, vit_b32):
     out = run(["dvc", "repro"], dst).stdout
     assert ran_stages(out)[-(len(STAGES) - 1):] == STAGES[1:]  # `world` may have run in the missing-files test
     assert "up to date" in run(["dvc", "status"], dst).stdout
-    shard = torch.load(dst / "artifacts/synth/shards/shard_00000.pt", weights_only=True)
+    shard = load_shard(dst / "artifacts/synth/shards/shard_00000.tar")
     assert shard["images"].shape == (2, 3, 224, 224)
     metrics = json.loads((dst / "artifacts/eval/metrics.json").read_text())
     assert set(metrics["student"]) == {"photo", "sketch", "mean"}

@@ -2,7 +2,7 @@
 # The GPU figures in one command: on one CUDA GPU (sized for an H200, at most 8 minutes) it prints
 # one line per figure on stdout, the machine first:
 #   machine: ...
-#   synthesis fp32: batched/loop speedup: N.Nx (...)   benchmarks/synthesis.py --setting real, fp32
+#   synthesis fp32: batched/loop speedup: N.Nx (...)   benchmarks/synthesis.py --setting real, fp32 (dry run: embedded)
 #   synthesis bf16: batched/loop speedup: N.Nx (...)   the same under bf16 autocast (the stage's CUDA default)
 #   loader_speed: ...                                  benchmarks/loader_speed.py's figure (ResNet-18 student at 224 px
 #                                                      fed by the streaming loader vs device-resident tensors)
@@ -58,8 +58,11 @@ mkdir -p "$LOGS"
 
 if [ "$DRY_RUN" = 1 ]; then
     DEVICE=cpu
-    # synthesis.py, real architectures at the smallest sizes: 2 images of 16 px (1x1 latents), 1 step, 1 cutout
-    SYNTH_ARGS=(--batch 2 --steps 1 --cutn 1 --image-size 16 --repeats 1)
+    # synthesis.py on tests/tiny_params.yaml's embedded models: 2 images, 1 step, 1 cutout. (The real
+    # architectures at their smallest, --setting real --batch 2 --steps 1 --cutn 1 --image-size 16,
+    # take 20 s in fp32 and 50 s in bf16 on 2 cores: too slow for a test.)
+    SETTING=(--setting embedded --params tests/tiny_params.yaml)
+    SYNTH_ARGS=(--batch 2 --steps 1 --cutn 1 --repeats 1)
     SYNTH_TIMEOUT=(120 120)
     LOADER=(--images 8 --batch 4 --workers 1)
     LOADER_TIMEOUT=120
@@ -69,6 +72,7 @@ else
     # The real defaults (8 images of 256 px, 8 cutouts), 5 steps, fastest of 3 runs per mode; on an
     # H200 each run should take well under a minute. The timeouts (25 s for the machine line) add
     # up to 470 s: under 8 minutes however slow a step is.
+    SETTING=(--setting real)
     SYNTH_ARGS=(--batch 8 --steps 5 --repeats 3)
     SYNTH_TIMEOUT=(115 100)
     LOADER=(--images 2048 --batch 128 --workers 8)
@@ -116,7 +120,7 @@ i=0
 for precision in fp32 bf16; do
     log="$LOGS/synthesis_$precision.log"
     status=0
-    timeout -k 10 "${SYNTH_TIMEOUT[$i]}" "$PY" benchmarks/synthesis.py --setting real --device "$DEVICE" \
+    timeout -k 10 "${SYNTH_TIMEOUT[$i]}" "$PY" benchmarks/synthesis.py "${SETTING[@]}" --device "$DEVICE" \
         --precision "$precision" "${SYNTH_ARGS[@]}" >"$log" 2>&1 || status=$?
     figure="$(grep -E '^batched/loop speedup: ' "$log" | tail -n 1 || true)"
     if [ "$status" = 0 ] && [ -n "$figure" ]; then
@@ -289,8 +293,11 @@ run_logged() {  # run_logged LOG CMD...: CMD in DIR/pipeline under the torchrun 
     local log="$1"
     shift
     left_s || return 1
+    local start=$SECONDS status=0
     echo "+ (cd $PIPE && $*)" >>"$log"
-    (cd "$PIPE" && timeout -k 10 "$left" "$@") >>"$log" 2>&1
+    (cd "$PIPE" && timeout -k 10 "$left" "$@") >>"$log" 2>&1 || status=$?
+    echo "+ exit $status after $((SECONDS - start)) s" >>"$log"
+    return "$status"
 }
 sha256_list() {  # sha256_list DIR: "<sha256>  ./<path>" of every file under DIR, sorted by path
     (cd "$1" && find -L . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)

@@ -159,7 +159,8 @@ def _tar_samples(path: Path) -> Iterator[tuple[str, tarfile.TarInfo, int]]:
                 label = int(tar.extractfile(parts["cls"]).read().decode().strip()) if "cls" in parts else -1
                 yield key, image, label
     except (tarfile.TarError, OSError, ValueError) as exc:
-        raise PipelineError(f"tar shard {path} is unreadable: {type(exc).__name__}: {exc}") from None
+        detail = (str(exc).splitlines() or [""])[-1].strip(" -")
+        raise PipelineError(f"tar shard {path} is unreadable: {type(exc).__name__} ({detail})") from None
 
 
 def expand_shards(pattern: str) -> list[Path]:

@@ -73,3 +73,28 @@ def test_fold_batchnorm_keeps_the_teachers_features(gen):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in t.modules())
     assert torch.allclose(t.encode_image(x), want, atol=1e-5)
     assert not any(p.requires_grad for p in t.parameters())
+
+
+def test_each_clip_normalises_with_its_own_preprocess_config():
+    """An open_clip model whose config has other mean/std (SigLIP-style 0.5) is normalised with
+    them, by the teacher wrapper and by a prompt student built on it; the embedded one with OpenAI's."""
+    import open_clip
+
+    from clipdistill.clip_models import ClipModel, decoding
+    from clipdistill.preprocess import CLIP_MEAN
+    from clipdistill.prompt_students import PromptKDStudent
+
+    model = open_clip.create_model("ViT-S-32", pretrained=None, force_preprocess_cfg={
+        "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resize_mode": "squash", "interpolation": "bilinear"})
+    clip = ClipModel(model, 224, 77, {"kind": "open_clip", "model": "ViT-S-32", "pretrained": "random"})
+    assert clip.mean.flatten().tolist() == [0.5] * 3 and clip.std.flatten().tolist() == [0.5] * 3
+    prep = decoding(clip, 64)
+    assert (prep.size, prep.resize_mode, prep.interpolation) == (64, "squash", "bilinear")
+    x = torch.rand(2, 3, 224, 224)
+    assert torch.allclose(clip.preprocess(x), (x - 0.5) / 0.5)
+    student = PromptKDStudent(clip, class_vectors=torch.randn(3, clip.embed_dim), logit_scale=100.0, n_prompts=1,
+                              prompt_depth=1, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(student.preprocess(x), (x - 0.5) / 0.5)
+    embedded = tiny_clip()
+    assert embedded.mean.flatten().tolist() == pytest.approx(list(CLIP_MEAN))
+    assert embedded.prep.resize_mode == "shortest"

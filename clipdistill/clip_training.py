@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .augment import flip_translate
 from .clip_models import ClipModel
-from .image_sets import EpochReader, ImageSet
+from .image_sets import EpochReader, ImageSet, as_image_set
 from .resumable import Checkpoints, EpochOrder, run_steps
 from .schedules import clip_warmup_cosine
 
@@ -38,7 +38,7 @@ def clip_lr_factor(total: int):
     return lambda s: clip_warmup_cosine(s, total, warmup)
 
 
-def train_clip(clip: ClipModel, images: ImageSet, captions: list[str], *, epochs: int,
+def train_clip(clip: ClipModel, images: ImageSet | torch.Tensor, captions: list[str], *, epochs: int,
                batch_size: int, lr: float, weight_decay: float, generator: torch.Generator,
                device: torch.device, checkpoints: Checkpoints | None = None, desc: str = "clip",
                workers: int = 0) -> list[float]:
@@ -48,6 +48,7 @@ def train_clip(clip: ClipModel, images: ImageSet, captions: list[str], *, epochs
     light augmentation (flip, 4-px translation). `checkpoints` makes it resumable
     (`resumable.run_steps`); `desc` names its progress bar. Returns per-step losses.
     """
+    images = as_image_set(images)
     clip.train().to(device)
     tokens = clip._tokenizer(captions)
     params_decay = [p for n, p in clip.model.named_parameters() if p.ndim >= 2 and "embedding" not in n]

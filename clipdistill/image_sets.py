@@ -193,6 +193,11 @@ def tar_images(spec: str, decode: Decoder, size: int) -> TarImages:
     return images
 
 
+def as_image_set(images: "ImageSet | torch.Tensor") -> ImageSet:
+    """An ImageSet as it is; a uint8 [N, 3, S, S] tensor as `Tensors` (library callers' form)."""
+    return images if isinstance(images, ImageSet) else Tensors(images)
+
+
 def _stack(items: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(items)
 

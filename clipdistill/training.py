@@ -14,7 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .augment import student_augment
-from .image_sets import EpochReader, ImageSet, batches as image_batches, sequential
+from .image_sets import EpochReader, ImageSet, as_image_set, batches as image_batches, sequential
 from .resumable import Checkpoints, EpochOrder, TensorState, TrainableState, run_steps
 from .runtime import Dist, PipelineError, autocast
 from .schedules import cosine_lr
@@ -32,11 +32,11 @@ def _sgd(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
 OPTIMIZERS = {"adamw": _adamw, "sgd": _sgd}  # `distill.optimizer`
 
 
-def distill(student: torch.nn.Module, teacher_logits, images: ImageSet, loss_fn, *, temperature: float,
+def distill(student: torch.nn.Module, teacher_logits, images: ImageSet | torch.Tensor, loss_fn, *, temperature: float,
             epochs: int, batch_size: int, lr: float, weight_decay: float, augment: bool, optimizer: str = "adamw",
             generator: torch.Generator, device: torch.device, student_step=None,
             amp_dtype: torch.dtype | None = None, dist: Dist = Dist(),
-            checkpoints: Checkpoints | None = None, holdout: ImageSet | None = None,
+            checkpoints: Checkpoints | None = None, holdout: ImageSet | torch.Tensor | None = None,
             workers: int = 0) -> tuple[list[float], list[float]]:
     """Train `student` to match `teacher_logits(x) -> [B, C]` on `images` (uint8, in RAM or
     streamed: each epoch's batches are decoded ahead by `workers` DataLoader processes).
@@ -52,6 +52,8 @@ def distill(student: torch.nn.Module, teacher_logits, images: ImageSet, loss_fn,
     with the teacher's after every epoch. Returns (per-step losses averaged over ranks, per-epoch
     agreement on `holdout`, empty without it); `epoch_losses` turns the losses into epoch means.
     """
+    images = as_image_set(images)
+    holdout = None if holdout is None else as_image_set(holdout)
     student.to(device).train()
     model = student
     if dist.processes > 1:
@@ -105,6 +107,7 @@ def top1_agreement(student, teacher_logits, images: ImageSet, batch_size: int, d
                    amp_dtype: torch.dtype | None = None, workers: int = 0) -> float:
     """Share of `images` on which the student's top class is the teacher's (eval mode for the
     measurement, then back to the mode it was in)."""
+    images = as_image_set(images)
     was_training = student.training
     student.eval()
     same = 0
@@ -133,6 +136,7 @@ def _rank_mean(value: torch.Tensor, dist: Dist) -> float:
 @torch.no_grad()
 def predict(model_logits, images: ImageSet, batch_size: int, device: torch.device, workers: int = 0) -> torch.Tensor:
     """Argmax predictions [N] of `model_logits(x) -> [B, C]` over `images`, streamed in order."""
+    images = as_image_set(images)
     preds = []
     for x in image_batches(images, sequential(len(images), batch_size), workers=workers, device=device):
         preds.append(model_logits(x.float().div(255)).argmax(-1).cpu())

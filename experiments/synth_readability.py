@@ -11,19 +11,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from clipdistill.clip_models import load_teacher
-from clipdistill.data import load_shards, load_unlabeled_folder
+from clipdistill.clip_models import decoding, load_clip
+from clipdistill.data import load_shards, load_unlabeled
 from clipdistill.params import load_params
 from clipdistill.runtime import setup_torch
 from clipdistill.text import class_vectors, load_class_vectors
-
-
-@torch.no_grad()
-def predictions(model, vectors: torch.Tensor, images: torch.Tensor, device, batch: int = 256) -> torch.Tensor:
-    return torch.cat([model.logits(images[i:i + batch].to(device).float().div(255), vectors).argmax(1).cpu()
-                      for i in range(0, len(images), batch)])
+from clipdistill.training import predict
 
 
 def main():
@@ -36,14 +29,15 @@ def main():
     device = setup_torch(p.device, p.threads)
     art = Path(args.artifacts)
     classes = list(p.world.classes)
-    teacher, small = load_teacher(art / "teacher", device), load_teacher(art / "student_clip", device)
+    teacher, small = load_clip(art / "teacher", device), load_clip(art / "student_clip", device)
     t_vec = load_class_vectors(art / "text_features")["features"].to(device)
     s_vec = class_vectors(small, classes, p.text_features.templates).to(device)
-    images, index = load_shards(args.synth)
-    sets = {"synthesized": (images, torch.tensor(index["label"].to_numpy())),
-            "world train": load_unlabeled_folder(art / "world" / "train", classes, p.world.image_size)}
-    for name, (x, y) in sets.items():
-        t, s = predictions(teacher, t_vec, x, device), predictions(small, s_vec, x, device)
+    sets = {"synthesized": load_shards(args.synth, p.world.image_size)[0],
+            "world train": load_unlabeled(art / "world" / "train", classes, decoding(teacher, p.world.image_size))}
+    for name, x in sets.items():
+        y = x.labels
+        t = predict(lambda b: teacher.logits(b, t_vec), x, 256, device, p.data.workers)
+        s = predict(lambda b: small.logits(b, s_vec), x, 256, device, p.data.workers)
         print(f"{name} ({len(x)} images): teacher reads {(t == y).float().mean():.3f}, "
               f"small CLIP reads {(s == y).float().mean():.3f}, agree {(t == s).float().mean():.3f}")
 

@@ -64,7 +64,10 @@ if [ "$DRY_RUN" = 1 ]; then
     SETTING=(--setting embedded --params tests/tiny_params.yaml)
     SYNTH_ARGS=(--batch 2 --steps 1 --cutn 1 --repeats 1)
     SYNTH_TIMEOUT=(120 120)
-    LOADER=(--images 8 --batch 4 --workers 1)
+    # loader_speed.py: one step per run (batch >= 2 for BatchNorm; --warmup 0: its default 2 untimed
+    # steps would triple the steps), one worker process. About 20 s on 2 cores: a ResNet-18 step at
+    # 224 px takes seconds there.
+    LOADER=(--images 2 --batch 2 --workers 1 --warmup 0)
     LOADER_TIMEOUT=120
     TORCHRUN_TIMEOUT=300  # all of the torchrun step: its pipeline stages, 1 process, 2 processes
 else
@@ -75,7 +78,7 @@ else
     SETTING=(--setting real)
     SYNTH_ARGS=(--batch 8 --steps 5 --repeats 3)
     SYNTH_TIMEOUT=(115 100)
-    LOADER=(--images 2048 --batch 128 --workers 8)
+    LOADER=(--images 4096 --batch 256 --workers 8)  # loader_speed.py's defaults: 16 steps per run
     LOADER_TIMEOUT=90
     TORCHRUN_TIMEOUT=140
 fi

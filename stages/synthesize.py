@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from clipdistill.clip_models import fold_batchnorm, load_clip
-from clipdistill.diversity import diversity_report
+from clipdistill.diversity import ClassSums, diversity_report
 from clipdistill.params import load_params
 from clipdistill.prompts import load_prompts
 from clipdistill.runtime import (atomic_dir, channels_last, init_distributed, resolve_precision, run_stage, setup_torch,
@@ -45,21 +45,22 @@ def index_rows(i: int, shard: dict, table: pd.DataFrame) -> list[dict]:
 
 
 def summarize(work: Path, n_shards: int, table: pd.DataFrame, teacher, device, n_classes: int,
-              per_row: int = PREVIEW_PER_CLASS) -> tuple[pd.DataFrame, torch.Tensor, torch.Tensor]:
-    """(index table, teacher features [N, D] of every image, the preview's images) from the
-    finished shards, one shard in memory at a time."""
-    rows, feats, preview = [], [], {c: [] for c in range(n_classes)}
+              per_row: int = PREVIEW_PER_CLASS) -> tuple[pd.DataFrame, ClassSums, dict]:
+    """(index table, per-class sums of the images' teacher features, the preview's images) from
+    the finished shards, one shard in memory at a time."""
+    rows, sums, preview = [], ClassSums(), {c: [] for c in range(n_classes)}
     for i in range(n_shards):
         shard = load_shard(work / shard_name(i))
         shard_rows = index_rows(i, shard, table)
         rows += shard_rows
         with torch.no_grad():
-            feats += [teacher.encode_image(shard["images"][b:b + 256].float().div(255).to(device)).cpu()
-                      for b in range(0, len(shard["images"]), 256)]
+            feats = torch.cat([teacher.encode_image(shard["images"][b:b + 256].float().div(255).to(device)).cpu()
+                               for b in range(0, len(shard["images"]), 256)])
+        sums.add(feats, [row["label"] for row in shard_rows])
         for r, row in enumerate(shard_rows):
             if len(preview[row["label"]]) < per_row:
                 preview[row["label"]].append(shard["images"][r])
-    return pd.DataFrame(rows), torch.cat(feats), preview
+    return pd.DataFrame(rows), sums, preview
 
 
 def main():
@@ -107,8 +108,8 @@ def main():
 
     # Xuan et al.'s diversity, measured: per class, mean pairwise cosine distance of the images'
     # teacher features (the prompts stage reports the same for the prompts' text features).
-    index, feats, preview = summarize(work, len(ranges), table, teacher, device, len(params.world.classes))
-    metrics = {"image_diversity": diversity_report(feats, index["label"].tolist(), list(params.world.classes)),
+    index, sums, preview = summarize(work, len(ranges), table, teacher, device, len(params.world.classes))
+    metrics = {"image_diversity": diversity_report(sums, None, list(params.world.classes)),
                "teacher_confidence": round(float(index["teacher_confidence"].mean()), 4)}
     with atomic_dir(out) as tmp:
         index.to_csv(tmp / "index.csv", index=False)

@@ -374,3 +374,16 @@ def test_random_prompt_fit_words_fits_only_those_rows(tmp_path):
     s = method.generate(teacher, ["circle", "star"], 2000, torch.Generator().manual_seed(0)).s_star
     assert torch.allclose(s.mean(0), mean, atol=4 * float(std.max()) / 60)
     assert torch.allclose(s.std(0), std, rtol=0.1)
+
+
+def test_class_sums_accumulated_in_batches_give_the_one_batch_distances():
+    g = torch.Generator().manual_seed(3)
+    f, labels = torch.randn(30, 5, generator=g), torch.randint(0, 3, (30,), generator=g).tolist()
+    from clipdistill.diversity import ClassSums
+
+    sums = ClassSums()
+    for i in range(0, 30, 7):
+        sums.add(f[i:i + 7], labels[i:i + 7])
+    whole = mean_pairwise_cosine_distance(f, labels)
+    assert sums.distances() == pytest.approx(whole, abs=1e-12)
+    assert diversity_report(sums, None, ["a", "b", "c"]) == pytest.approx(diversity_report(f, labels, ["a", "b", "c"]))

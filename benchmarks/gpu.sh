@@ -19,12 +19,8 @@
 # then 1 and the last stderr line is `gpu.sh: failed: <step> ...`. Each step runs under `timeout`
 # so the whole script stays inside its time budget even if one hangs.
 #
-# The torchrun step: init_distributed (clipdistill/runtime.py) puts rank r on cuda:LOCAL_RANK with
-# NCCL, so on fewer than 2 GPUs the stage cannot run 2 ranks as written (rank 1 asks for cuda:1,
-# and NCCL refuses 2 ranks on one GPU). With fewer than 2 GPUs visible (and in the dry run) each
-# rank therefore starts through a small launcher written into DIR that sets LOCAL_RANK=0 and the
-# gloo backend (the stage's only collective is a barrier) before running the stage script
-# unchanged; with 2 or more GPUs the stage runs under plain torchrun (NCCL, one GPU per rank).
+# The torchrun step runs the stage under plain torchrun: with 2 or more GPUs one per rank (NCCL);
+# on one GPU both ranks share it over gloo (clipdistill/runtime.py, init_distributed).
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
@@ -208,38 +204,7 @@ print("synth1", out, " ".join(synth), sep="\t")
 synth[synth.index("--out") + 1] = out + "_2p"
 print("synth2", out + "_2p", " ".join(synth), sep="\t")
 EOF
-    # A launcher for 2 ranks on fewer than 2 GPUs (see the header): every rank on cuda:0, gloo.
-    cat >"$PIPE/shared_device_ranks.py" <<'EOF'
-"""Run a stage script as one torchrun rank that shares device 0 with the others (gloo backend)."""
-import os
-import runpy
-import sys
-
-import torch.distributed
-
-os.environ["LOCAL_RANK"] = "0"  # init_distributed: cuda:LOCAL_RANK
-_init = torch.distributed.init_process_group
-
-
-def init_gloo(backend=None, *args, **kwargs):  # NCCL refuses two ranks on one GPU
-    return _init("gloo", *args, **kwargs)
-
-
-torch.distributed.init_process_group = init_gloo
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-EOF
-    local gpus=0 launch=() kind out words synth1=() synth2=() one="" two="" w
-    if [ "$DEVICE" = cuda ]; then
-        left_s || return 1
-        gpus="$(timeout -k 5 "$left" "$PY" -c 'import torch; print(torch.cuda.device_count())' 2>>"$log")" || return 1
-    fi
-    if [ "$gpus" -ge 2 ]; then
-        echo "2 ranks: plain torchrun, $gpus GPUs" >>"$log"
-    else
-        launch=("$PIPE/shared_device_ranks.py")
-        echo "2 ranks: through shared_device_ranks.py (every rank on device 0, gloo), $gpus GPUs" >>"$log"
-    fi
+    local kind out words synth1=() synth2=() one="" two="" w
     while IFS=$'\t' read -r kind out words; do
         read -ra words <<<"$words"
         case "$kind" in
@@ -250,8 +215,9 @@ EOF
     done <"$PIPE/commands.tsv"
     [ -n "$one" ] && [ -n "$two" ] || { echo "no synthesize command in $PIPE/commands.tsv" >>"$log"; return 1; }
     run_logged "$log" "$PY" "${synth1[@]}" || return 1
-    run_logged "$LOGS/torchrun_2p.log" "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
-        "${launch[@]}" "${synth2[@]}"
+    # One node: gloo over the loopback interface (a container's hostname need not resolve to a reachable one)
+    GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}" run_logged "$LOGS/torchrun_2p.log" \
+        "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 "${synth2[@]}"
     w=$?
     cat "$LOGS/torchrun_2p.log" >>"$log"
     [ "$w" = 0 ] || return 1

@@ -78,8 +78,8 @@ def main():
         resident = Tensors(resident.images.to(device), resident.labels)
         ram = timed_epoch(resident, device, args)
         stream = timed_epoch(streamed, device, args)
-    print(f"distill images/s ResNet-18 at {args.image_size} px: device-resident {ram:,.0f}, streamed by "
-          f"{args.workers} workers {stream:,.0f} (streamed/resident = {stream / ram:.2f})")
+    print(f"distill images/s ResNet-18 at {args.image_size} px: device-resident {ram:,.1f}, streamed by "
+          f"{args.workers} workers {stream:,.1f} (streamed/resident = {stream / ram:.2f})")
 
 
 if __name__ == "__main__":

@@ -137,7 +137,9 @@ class Dist:
 def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     """Join the process group torchrun set up (RANK / WORLD_SIZE / LOCAL_RANK in the environment).
 
-    CUDA: NCCL, one GPU per process (cuda:LOCAL_RANK). CPU: gloo. Plain `python stage.py` is
+    CUDA: NCCL, one GPU per process (cuda:LOCAL_RANK); with fewer GPUs than processes on the node
+    the processes share them (cuda:LOCAL_RANK mod GPUs) over gloo, since NCCL refuses two ranks on
+    one GPU (a check of N processes on a 1-GPU machine). CPU: gloo. Plain `python stage.py` is
     world size 1 and touches nothing. The timeout is long because ranks wait for each other only
     at the end of a stage, after hours of synthesis on real models.
     """
@@ -145,12 +147,16 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     if processes == 1:
         return Dist(), device
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "gloo"
     if device.type == "cuda":
-        device = torch.device("cuda", local)
+        gpus, on_node = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", processes))
+        device = torch.device("cuda", local % gpus)
         torch.cuda.set_device(device)
+        backend = "nccl" if gpus >= on_node else "gloo"
+        if backend == "gloo" and local == 0:
+            print(f"{on_node} processes share {gpus} GPU(s): gloo instead of NCCL")
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                             timeout=timedelta(hours=12))
+        torch.distributed.init_process_group(backend, timeout=timedelta(hours=12))
     return Dist(rank, processes), device
 
 

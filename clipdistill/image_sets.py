@@ -213,9 +213,11 @@ def batches(images: ImageSet, index_lists: Iterable[torch.Tensor], *, workers: i
             yield x if device is None else x.to(device)
         return
     cuda = device is not None and device.type == "cuda"
+    # Its own generator: a DataLoader draws a base seed for its workers when it starts, which
+    # would otherwise advance the global RNG that model initialisation reads after it.
     loader = torch.utils.data.DataLoader(images, batch_sampler=[idx.tolist() for idx in index_lists],
                                          num_workers=workers, collate_fn=_stack, pin_memory=cuda,
-                                         prefetch_factor=2 if workers else None)
+                                         prefetch_factor=2 if workers else None, generator=torch.Generator())
     for x in loader:
         yield x if device is None else x.to(device, non_blocking=cuda)
 

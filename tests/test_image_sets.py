@@ -156,3 +156,16 @@ def test_file_decoder_follows_the_teachers_geometry(tmp_path):
     Image.fromarray(a).save(tmp_path / "wide.png")
     x = file_decoder(clip_default(20))(tmp_path / "wide.png")
     assert x.shape == (20, 20, 3) and x.min() == 255  # the centre crop is all band
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streaming_leaves_the_global_rng_alone(tmp_path, workers):
+    """Decoding a set (a DataLoader starting) must not advance torch's global RNG, which model
+    initialisation reads afterwards: the same seed must build the same student."""
+    write_images(tmp_path, 4)
+    images = load_unlabeled(tmp_path, ["circle", "star"], clip_default(SIZE))
+    torch.manual_seed(0)
+    decode_all(images, workers=workers)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))

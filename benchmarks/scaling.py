@@ -2,9 +2,9 @@
 
 Makes one set of cheap renders (a gradient and a coloured box per image, JPEG quality 90, at
 --image-size px) written as WebDataset tar shards of 1,000 images with `.cls` labels, the layout
-img2dataset writes. For each N (the first N / 1,000 shards) a fresh process runs, as the stages
-do, one epoch of `training.distill` with the set as `distill.images`, then `evaluation.
-domain_accuracies` over it, both through `data.load_unlabeled` and the memory budget
+img2dataset writes. For each N (the first N / 1,000 shards) one fresh process runs one epoch of
+`training.distill` with the set as `distill.images` and another `evaluation.domain_accuracies`
+over it (as the distill and evaluate stages run), both through `data.load_unlabeled` and the memory budget
 (`--budget-mb`, data.memory_budget_mb: a set under it is read into RAM once, a larger one
 streams through --workers DataLoader processes). The student and teacher are the embedded
 default's CNN student and teacher tower (random weights), fed the batch resized on the device to
@@ -18,7 +18,7 @@ DataLoader workers together (shared pages counted once), separately for distill 
   python benchmarks/scaling.py --sizes 64,128 --image-size 32 --per-shard 32   # smoke run
 
 The last two lines are the figures: `peak RSS ratio N=100k/N=2k: X.XX` (the larger of distill's
-and evaluate's ratio of peak PSS) and `images/s at N=100k: N` (distill's epoch).
+and evaluate's ratio of peak PSS) and `images/s at N=100k: N` (distill's epoch; evaluate's with `--phases evaluate`).
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ class PeakMemory:
 
 
 def run_one(args) -> dict:
-    """One N: distill one epoch and evaluate; figures as a dict (printed as JSON)."""
+    """One N, one phase (distill one epoch, or evaluate) in this process; figures as a dict."""
     device = setup_torch(args.device, args.threads)
     params = load_params(args.params)
     n_shards = -(-args.n // args.per_shard)
@@ -143,6 +143,14 @@ def run_one(args) -> dict:
     down = lambda x: F.interpolate(x, size=MODEL_SIDE, mode="bilinear", antialias=True)  # noqa: E731
     teacher_logits = lambda x: teacher.logits(down(x), vectors)  # noqa: E731
     out = {"n": args.n}
+    if args.phase == "evaluate":
+        with PeakMemory() as mem:
+            domains = fit_domains({"all": load_unlabeled(spec, CLASSES, prep)}, args.budget_mb, args.workers,
+                                  "evaluate")
+            start = time.perf_counter()
+            acc, _ = domain_accuracies(lambda x: student(down(x)), domains, args.batch * 4, device, args.workers)
+            seconds = time.perf_counter() - start
+        return {**out, "evaluate_peak_mb": mem.peak / 2**20, "evaluate_images_per_s": args.n / seconds}
     with PeakMemory() as mem:
         images = fit_in_memory(load_unlabeled(spec, CLASSES, prep), args.budget_mb, args.workers, "distill")
         start = time.perf_counter()
@@ -151,16 +159,8 @@ def run_one(args) -> dict:
                             generator=torch.Generator().manual_seed(0), device=device,
                             student_step=lambda model, x, t: (model(down(x)), t), workers=args.workers)
         seconds = time.perf_counter() - start
-    out.update(distill_peak_mb=mem.peak / 2**20, distill_images_per_s=len(losses) * args.batch / seconds,
-               distill_in_ram=type(images).__name__ == "Tensors")
-    del images
-    with PeakMemory() as mem:
-        domains = fit_domains({"all": load_unlabeled(spec, CLASSES, prep)}, args.budget_mb, args.workers, "evaluate")
-        start = time.perf_counter()
-        acc, _ = domain_accuracies(lambda x: student(down(x)), domains, args.batch * 4, device, args.workers)
-        seconds = time.perf_counter() - start
-    out.update(evaluate_peak_mb=mem.peak / 2**20, evaluate_images_per_s=args.n / seconds, accuracy=acc["mean"])
-    return out
+    return {**out, "distill_peak_mb": mem.peak / 2**20, "distill_images_per_s": len(losses) * args.batch / seconds,
+            "distill_in_ram": type(images).__name__ == "Tensors"}
 
 
 def label(n: int) -> str:
@@ -180,7 +180,9 @@ def main():
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", default=None, help="folder of the rendered shards (default: a temp folder)")
-    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)  # internal: run one N in this process
+    parser.add_argument("--phases", default="distill,evaluate", help="which of distill, evaluate to run")
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)  # internal: run one N, one phase, in this process
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.budget_mb is None:
         args.budget_mb = load_params(args.params).data.memory_budget_mb
@@ -188,29 +190,36 @@ def main():
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return
     sizes = [int(s) for s in args.sizes.split(",")]
+    phases = [p for p in ("distill", "evaluate") if p in args.phases.split(",")]
     print(machine_line(torch.device(args.device if args.device != "auto" else "cpu")))
     with tempfile.TemporaryDirectory(prefix="scaling_") as tmp:
         data = Path(args.data or tmp)
         make_shards(data, max(sizes), args.per_shard, args.image_size)
         results = []
         for n in sizes:
-            cmd = [sys.executable, __file__, "--n", str(n), "--data", str(data), "--image-size", str(args.image_size),
-                   "--per-shard", str(args.per_shard), "--workers", str(args.workers), "--budget-mb",
-                   str(args.budget_mb), "--batch", str(args.batch), "--device", args.device, "--threads",
-                   str(args.threads), "--params", args.params]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                sys.exit(f"N={n} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-            r = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+            r = {"n": n}
+            for phase in phases:  # each in a fresh process, as the distill and evaluate stages run
+                cmd = [sys.executable, __file__, "--n", str(n), "--phase", phase, "--data", str(data),
+                       "--image-size", str(args.image_size), "--per-shard", str(args.per_shard), "--workers",
+                       str(args.workers), "--budget-mb", str(args.budget_mb), "--batch", str(args.batch), "--device",
+                       args.device, "--threads", str(args.threads), "--params", args.params]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode:
+                    sys.exit(f"N={n} {phase} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+                r.update(json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:]))
             results.append(r)
-            print(f"N={label(n)} ({args.image_size} px, {args.workers} workers, budget {args.budget_mb:g} MB): distill "
-                  f"{'in RAM' if r['distill_in_ram'] else 'streamed'}, peak {r['distill_peak_mb']:,.0f} MB, "
-                  f"{r['distill_images_per_s']:,.0f} images/s; evaluate peak {r['evaluate_peak_mb']:,.0f} MB, "
-                  f"{r['evaluate_images_per_s']:,.0f} images/s", flush=True)
+            parts = []
+            if "distill_peak_mb" in r:
+                parts.append(f"distill {'in RAM' if r['distill_in_ram'] else 'streamed'}, peak {r['distill_peak_mb']:,.0f} "
+                             f"MB, {r['distill_images_per_s']:,.1f} images/s")
+            if "evaluate_peak_mb" in r:
+                parts.append(f"evaluate peak {r['evaluate_peak_mb']:,.0f} MB, {r['evaluate_images_per_s']:,.1f} images/s")
+            print(f"N={label(n)} ({args.image_size} px, {args.workers} workers, budget {args.budget_mb:g} MB): "
+                  + "; ".join(parts), flush=True)
     first, last = results[0], results[-1]
-    ratio = max(last["distill_peak_mb"] / first["distill_peak_mb"], last["evaluate_peak_mb"] / first["evaluate_peak_mb"])
+    ratio = max(last[f"{p}_peak_mb"] / first[f"{p}_peak_mb"] for p in phases)
     print(f"peak RSS ratio N={label(last['n'])}/N={label(first['n'])}: {ratio:.2f}")
-    print(f"images/s at N={label(last['n'])}: {last['distill_images_per_s']:.0f}")
+    print(f"images/s at N={label(last['n'])}: {last[f'{phases[0]}_images_per_s']:.0f}")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 
 from .image_files import IMAGE_SUFFIXES
-from .image_sets import Files, ImageSet, TarImages, batches, is_tar_pattern, sequential, tar_images
-from .preprocess import Preprocess, decode
+from .image_sets import Files, ImageSet, TarImages, batches, decode_all, is_tar_pattern, sequential, tar_images
+from .preprocess import Preprocess, clip_default, decode
 from .runtime import PipelineError
 
 
@@ -98,15 +98,15 @@ def load_captioned_split(split_dir: str | Path, prep: Preprocess) -> tuple[Image
 
 
 def load_shards(synth_dir: str | Path, size: int) -> tuple[ImageSet, pd.DataFrame]:
-    """The synthesized images (WebDataset tar shards, lossless PNGs at the pipeline's side) in
-    index order, with the index table; labels from the index."""
+    """The synthesized images (WebDataset tar shards, lossless PNGs at the pipeline's side, so
+    decoding resizes nothing) in index order, with the index table; labels from the index."""
     synth_dir = Path(synth_dir)
     index_path = synth_dir / "index.csv"
     if not index_path.is_file():
         raise PipelineError(f"synthesis index not found: {index_path} (run the synthesize stage)")
     index = pd.read_csv(index_path)
     names = list(index["shard"].unique())
-    images = TarImages([synth_dir / "shards" / name for name in names], file_decoder(square(size)), size,
+    images = TarImages([synth_dir / "shards" / name for name in names], file_decoder(clip_default(size)), size,
                        torch.tensor(index["label"].to_numpy()))
     for name, found in zip(names, images.counts):
         expected = int((index["shard"] == name).sum())
@@ -114,12 +114,6 @@ def load_shards(synth_dir: str | Path, size: int) -> tuple[ImageSet, pd.DataFram
             raise PipelineError(f"shard {synth_dir / 'shards' / name} is unreadable: it holds {found} of the "
                                 f"{expected} images index.csv lists (truncated?)")
     return images, index
-
-
-def square(size: int) -> Preprocess:
-    """Decoding of images the pipeline wrote itself at its own side (no resize happens)."""
-    from .preprocess import clip_default
-    return clip_default(size)
 
 
 def load_unlabeled(spec: str | Path, classes: list[str], prep: Preprocess) -> ImageSet:
@@ -147,8 +141,6 @@ def load_unlabeled(spec: str | Path, classes: list[str], prep: Preprocess) -> Im
 def fit_domains(domains: dict[str, ImageSet], budget_mb: float, workers: int, what: str) -> dict[str, ImageSet]:
     """Every domain read into RAM once if all of them together fit `budget_mb` (they are scored by
     several models), else all streamed."""
-    from .image_sets import decode_all
-
     mb = sum(d.nbytes() for d in domains.values()) / 2**20
     n = sum(len(d) for d in domains.values())
     if mb > budget_mb:

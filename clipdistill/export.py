@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .preprocess import Preprocess
 from .runtime import PipelineError
 
 ONNX_OPSET = 18  # the opset torch.onnx writes natively: no version conversion step
@@ -22,11 +23,14 @@ MAX_ABS_DIFF = 1e-4      # export parity: logits may differ by at most this much
 MIN_ARGMAX_AGREEMENT = 0.999  # and the top class must agree on at least this share of images
 
 
-def card(model: nn.Module, classes: list[str], image_size: int, made_by: dict) -> dict:
-    """The JSON beside an exported classifier (what `clipdistill.predict` reads)."""
+def card(model: nn.Module, classes: list[str], prep: Preprocess, made_by: dict) -> dict:
+    """The JSON beside an exported classifier (what `clipdistill.predict` reads): input side and
+    the pipeline's decoding geometry (`prep`: resize mode, interpolation, fill), so predict
+    decodes a file exactly as the stages did."""
     return {"classes": list(classes),
-            "input": {"size": image_size, "layout": "NCHW", "range": [0, 1], "resize": f"bicubic to {image_size} x "
-                      f"{image_size}", "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
+            "input": {"size": prep.size, "layout": "NCHW", "range": [0, 1], "resize_mode": prep.resize_mode,
+                      "interpolation": prep.interpolation, "fill_color": prep.fill_color,
+                      "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
                       "normalised_by_model": True},
             "outputs": "logits",
             "made_by": made_by}
@@ -89,14 +93,14 @@ def parity(reference: np.ndarray, exported: np.ndarray, what: str) -> dict:
     return result
 
 
-def export_classifier(model: nn.Module, out: Path, name: str, classes: list[str], image_size: int, made_by: dict,
+def export_classifier(model: nn.Module, out: Path, name: str, classes: list[str], prep: Preprocess, made_by: dict,
                       images: torch.Tensor, batch_size: int) -> dict:
     """Write <name>.onnx, <name>.pt2 and <name>.json to `out` and check both files against `model`
     on uint8 `images`; returns the parity figures."""
     model = model.cpu().eval()
-    export_onnx(model, out / f"{name}.onnx", image_size)
-    export_program(model, out / f"{name}.pt2", image_size)
-    (out / f"{name}.json").write_text(json.dumps(card(model, classes, image_size, made_by), indent=2) + "\n")
+    export_onnx(model, out / f"{name}.onnx", prep.size)
+    export_program(model, out / f"{name}.pt2", prep.size)
+    (out / f"{name}.json").write_text(json.dumps(card(model, classes, prep, made_by), indent=2) + "\n")
     reference = torch_logits(model, images, batch_size)
     program = torch.export.load(str(out / f"{name}.pt2")).module()
     return {"onnx": parity(reference, onnx_logits(out / f"{name}.onnx", images, batch_size), f"{name}.onnx"),

@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .image_files import IMAGE_SUFFIXES, decode_rgb
+from .image_files import IMAGE_SUFFIXES
+from .preprocess import Preprocess, clip_default, decode
+
+GEOMETRY = ("resize_mode", "interpolation", "fill_color")  # the card's decoding keys
 
 GLOB_CHARS = set("*?[")
 # What PIL raises for unreadable files: OSError (incl. UnidentifiedImageError, truncation),
@@ -39,7 +43,7 @@ class UsageError(Exception):
 class Meta:
     """What the exported model's metadata JSON says about its classes and input."""
     classes: list[str]
-    size: int
+    prep: Preprocess  # the size and decoding geometry the stages used
     mean: np.ndarray | None = None  # float32 [3, 1, 1]; None when the model normalises itself
     std: np.ndarray | None = None
 
@@ -68,9 +72,13 @@ def load_meta(path: Path) -> Meta:
         raise UsageError(f"metadata {path} lacks 'input.size' (a positive integer)")
     if inp.get("layout", "NCHW") != "NCHW":
         raise UsageError(f"metadata {path}: only input.layout NCHW is supported, not {inp['layout']}")
+    try:  # a card without the geometry keys: CLIP's shortest-side bicubic resize and centre crop
+        prep = dataclasses.replace(clip_default(size), **{k: inp[k] for k in GEOMETRY if k in inp})
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"metadata {path}: {exc}") from None
     if inp.get("normalised_by_model", True):
-        return Meta(classes, size)
-    return Meta(classes, size, _channel_stats(inp, "mean", path), _channel_stats(inp, "std", path))
+        return Meta(classes, prep)
+    return Meta(classes, prep, _channel_stats(inp, "mean", path), _channel_stats(inp, "std", path))
 
 
 def _channel_stats(inp: dict, key: str, path: Path) -> np.ndarray:
@@ -88,9 +96,10 @@ def _channel_stats(inp: dict, key: str, path: Path) -> np.ndarray:
 def read_image(path: Path, meta: Meta) -> np.ndarray:
     """float32 [3, S, S] in [0, 1] (then mean/std-normalised if the model does not do that itself).
 
-    The pipeline's own decoding (`image_files.decode_rgb`), then its uint8 -> float / 255.
+    The pipeline's own decoding (`preprocess.decode` with the card's geometry), then its
+    uint8 -> float / 255.
     """
-    x = decode_rgb(path, meta.size).transpose(2, 0, 1).astype(np.float32) / 255
+    x = decode(path, meta.prep).transpose(2, 0, 1).astype(np.float32) / 255
     return x if meta.mean is None else (x - meta.mean) / meta.std
 
 

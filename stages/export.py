@@ -48,7 +48,8 @@ def main():
     classes = list(stored["classes"])
     size = params.world.image_size
     teacher = load_clip(args.teacher)
-    images = parity_images(load_domain_folder(world_test_root(params, args.world), classes, decoding(teacher, size),
+    prep = decoding(teacher, size)
+    images = parity_images(load_domain_folder(world_test_root(params, args.world), classes, prep,
                                               params.world.eval_domains), params.export.parity_images,
                            params.data.workers)
     made_by = {"student": params.distill.student, "teacher": teacher.spec, "seed": params.seed,
@@ -56,7 +57,7 @@ def main():
     models = {"student": load_student(Path(args.student) / "student.pt").classifier(),
               "teacher": CosineClassifier.zero_shot(teacher, stored["features"])}
     with atomic_dir(args.out) as tmp:
-        metrics = {name: export_classifier(model, tmp, name, classes, size, made_by, images, params.eval.batch_size)
+        metrics = {name: export_classifier(model, tmp, name, classes, prep, made_by, images, params.eval.batch_size)
                    for name, model in models.items()}
         write_json(tmp / "metrics.json", metrics)
     for name, checks in metrics.items():

@@ -10,6 +10,7 @@ from project import tiny_clip
 
 from clipdistill.clip_models import CosineClassifier
 from clipdistill.export import MAX_ABS_DIFF, export_classifier, onnx_logits, parity
+from clipdistill.preprocess import clip_default
 from clipdistill.prompt_students import KDPLStudent, PromptKDStudent
 from clipdistill.runtime import PipelineError
 from clipdistill.students import CnnStudent
@@ -58,7 +59,7 @@ def test_every_student_kind_exports_with_matching_logits(tmp_path, kind):
     x = images()
     with torch.no_grad():  # folding KDPL's text features changes nothing
         assert torch.allclose(model(x.float().div(255)), student(x.float().div(255)), atol=1e-5)
-    checks = export_classifier(model, tmp_path, "student", CLASSES, SIZE, {"student": kind}, x, batch_size=10)
+    checks = export_classifier(model, tmp_path, "student", CLASSES, clip_default(SIZE), {"student": kind}, x, batch_size=10)
     for fmt in ("onnx", "torch_export"):
         assert checks[fmt]["max_abs_diff"] <= MAX_ABS_DIFF and checks[fmt]["argmax_agreement"] == 1.0
         assert checks[fmt]["images"] == len(x)
@@ -78,7 +79,7 @@ def test_the_teachers_image_tower_exports_as_its_zero_shot_classifier(tmp_path):
     classifier = CosineClassifier.zero_shot(teacher, v)
     with torch.no_grad():
         assert torch.allclose(classifier(x.float().div(255)), teacher.logits(x.float().div(255), v), atol=1e-5)
-    checks = export_classifier(classifier, tmp_path, "teacher", CLASSES, SIZE, {}, x, batch_size=24)
+    checks = export_classifier(classifier, tmp_path, "teacher", CLASSES, clip_default(SIZE), {}, x, batch_size=24)
     assert checks["onnx"]["max_abs_diff"] <= MAX_ABS_DIFF
     assert not any(k.startswith(("transformer.", "token_embedding")) for k in classifier.state_dict())
 

@@ -19,7 +19,8 @@ from clipdistill import predict
 ROOT = Path(__file__).resolve().parents[1]
 S = 8
 CLASSES = ["cat", "dog", "fish", "owl"]
-# Non-square sizes take the bicubic resize path; one S x S image does not; modes cover convert("RGB").
+# Non-square sizes take the card's resize path (squash, bicubic, so the reference below can resize
+# with one PIL call); one S x S image does not; modes cover convert("RGB").
 IMAGE_SPECS = [("a.png", (13, 9), "RGB"), ("b.png", (S, S), "RGB"), ("c.png", (21, 30), "L"),
                ("d.jpg", (5, 17), "RGB"), ("e.png", (40, 11), "RGBA")]
 
@@ -44,7 +45,8 @@ def save_onnx(path: Path, weights: np.ndarray) -> None:
 
 def write_meta(path: Path, classes=CLASSES, **input_fields) -> Path:
     """The metadata JSON the pipeline exports beside a model; `input_fields` override `input`."""
-    inp = {"size": S, "layout": "NCHW", "range": [0, 1], "resize": f"bicubic to {S} x {S}",
+    inp = {"size": S, "layout": "NCHW", "range": [0, 1], "resize_mode": "squash", "interpolation": "bicubic",
+           "fill_color": 0,
            "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "normalised_by_model": True}
     meta = {"classes": classes, "input": {**inp, **input_fields}, "outputs": "logits", "made_by": {}}
     path.write_text(json.dumps(meta))

@@ -26,7 +26,7 @@ import torch
 from PIL import UnidentifiedImageError
 
 from .image_files import IMAGE_SUFFIXES
-from .runtime import PipelineError
+from .runtime import PipelineError, release_free_memory
 
 Decoder = Callable[[object], np.ndarray]  # a path or a binary file -> RGB uint8 [S, S, 3]
 
@@ -220,6 +220,7 @@ def batches(images: ImageSet, index_lists: Iterable[torch.Tensor], *, workers: i
                                          prefetch_factor=2 if workers else None, generator=torch.Generator())
     for x in loader:
         yield x if device is None else x.to(device, non_blocking=cuda)
+        release_free_memory()  # the last batch's buffers, so a long stream can't grow the heaps
 
 
 def sequential(n: int, batch_size: int) -> list[torch.Tensor]:

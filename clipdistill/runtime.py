@@ -67,6 +67,26 @@ def retain_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _HEAP_BLOCK_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _HEAP_KEEP))
 
 
+def release_free_memory() -> bool:
+    """glibc: give the heaps' free pages back to the system now (`malloc_trim(0)`, every arena).
+
+    `retain_freed_memory` bounds what the main heap keeps, but each thread that allocates (torch's
+    intra-op threads) has an arena of its own that keeps its freed blocks too: streaming 100k
+    images at 224 px through evaluate grew one process by 1.7 GB that way. Streamed reads call this
+    after each batch (`image_sets.batches`); it costs a walk of the free lists and the page faults
+    of the next batch's buffers, nothing measurable next to decoding 256 JPEGs. False (and nothing
+    done) where libc is not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True
+
+
 UNSAFE_LOAD_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 DEVICES = ("cpu", "cuda", "auto")     # `device`: the values setup_torch resolves
 PRECISIONS = ("auto", "fp32", "bf16")  # `precision`: the values resolve_precision maps to a dtype

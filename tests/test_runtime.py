@@ -131,3 +131,26 @@ def test_stages_refuse_to_start_with_torch_safe_loading_switched_off(monkeypatch
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     with pytest.raises(PipelineError, match="TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
         setup_torch("cpu", 0)
+
+
+# Blocks freed in another thread's arena stay mapped under the retain policy until released.
+RELEASE = """
+import threading, psutil, torch
+from clipdistill.runtime import release_free_memory, retain_freed_memory
+retain_freed_memory()
+def churn():
+    blocks = [torch.ones(2**18) for _ in range(400)]  # 400 x 1 MiB, heap-served, in this thread's arena
+    del blocks
+thread = threading.Thread(target=churn)
+thread.start(); thread.join()
+rss = lambda: psutil.Process().memory_info().rss / 2**20
+before = rss()
+applied = release_free_memory()
+print(applied, before - rss())
+"""
+
+
+def test_release_free_memory_gives_retained_blocks_of_other_threads_back():
+    out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "True"
+    assert float(out[1]) > 200  # MiB handed back of the 400 the thread freed

@@ -202,6 +202,12 @@ def _stack(items: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(items)
 
 
+# Streamed batches between two `release_free_memory` calls: each call hands back what the retain
+# policy keeps for the next step, so a training step after it page-faults its buffers again
+# (every batch: distill at 224 px 10 % slower); every 8th keeps a 100k-image evaluate flat as well.
+TRIM_EVERY = 8
+
+
 def batches(images: ImageSet, index_lists: Iterable[torch.Tensor], *, workers: int,
             device: torch.device | None = None) -> Iterator[torch.Tensor]:
     """uint8 [B, 3, S, S] per index list, in order; on `device` when given (pinned host memory and
@@ -218,9 +224,10 @@ def batches(images: ImageSet, index_lists: Iterable[torch.Tensor], *, workers: i
     loader = torch.utils.data.DataLoader(images, batch_sampler=[idx.tolist() for idx in index_lists],
                                          num_workers=workers, collate_fn=_stack, pin_memory=cuda,
                                          prefetch_factor=2 if workers else None, generator=torch.Generator())
-    for x in loader:
+    for k, x in enumerate(loader, 1):
         yield x if device is None else x.to(device, non_blocking=cuda)
-        release_free_memory()  # the last batch's buffers, so a long stream can't grow the heaps
+        if k % TRIM_EVERY == 0:  # the heaps' free blocks, so a long stream can't grow them
+            release_free_memory()
 
 
 def sequential(n: int, batch_size: int) -> list[torch.Tensor]:

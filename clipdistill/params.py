@@ -166,6 +166,7 @@ class DistillParams:
     checkpoint_every: int
     loss: str
     kd_weight: float
+    feature_kl_weight: float
     temperature: float
     epochs: int
     batch_size: int
@@ -239,9 +240,14 @@ REGISTRIES = {
 
 def choices(key: str) -> tuple[str, ...]:
     """The allowed values of `key`: the names in its registry."""
+    return _names(*REGISTRIES[key])
+
+
+def _names(module: str, table: str) -> tuple[str, ...]:
+    """The keys of registry `table` in `module`, imported only when asked (params.py stays
+    importable without torch-heavy modules, and they are not its dependencies)."""
     import importlib
 
-    module, table = REGISTRIES[key]
     return tuple(getattr(importlib.import_module(module), table))
 
 
@@ -262,7 +268,7 @@ POSITIVE |= {f"{section}.{key}" for section in ("teacher", "student_clip") for k
 # Learning rates and other step sizes: a zero or negative one trains nothing or climbs the loss.
 POSITIVE |= {"generator.lr", "generator.ch", "synthesize.lr", "distill.lr"}
 NON_NEGATIVE = {"teacher.checkpoint_every", "student_clip.checkpoint_every", "generator.checkpoint_every",
-                "distill.checkpoint_every", "distill.holdout_images", "prompts.contrastive.bank_size", "prompts.contrastive.content_weight",
+                "distill.checkpoint_every", "distill.holdout_images", "distill.feature_kl_weight", "prompts.contrastive.bank_size", "prompts.contrastive.content_weight",
                 "distill.promptkd.n_prompts", "distill.promptkd.prompt_depth", "distill.kdpl.n_prompts",
                 "distill.kdpl.prompt_depth", "seed", "threads",
                 "data.workers", "data.memory_budget_mb", "teacher.weight_decay",
@@ -383,6 +389,10 @@ def _check_values(params: Params) -> None:
     if params.student_clip.source == "open_clip" and not params.student_clip.pretrained:
         raise ParamsError("params key 'student_clip.pretrained' must name an open_clip tag or checkpoint path "
                           "when student_clip.source is open_clip")
+    if params.distill.loss in _names("clipdistill.losses", "FEATURE_DISTANCES") and not (
+            params.distill.student == "promptkd" or params.distill.student == "cnn" and params.distill.cnn.head == "projection"):
+        raise ParamsError(f"params key 'distill.loss' {params.distill.loss} needs a student with image features: "
+                          "distill.student promptkd, or cnn with distill.cnn.head projection")
     if params.distill.kdpl.class_agnostic and params.distill.student != "kdpl":
         raise ParamsError("params key 'distill.kdpl.class_agnostic' needs distill.student: kdpl")
     if params.distill.student == "cnn" and params.distill.cnn.head == "linear" and params.distill.base_to_novel:

@@ -17,6 +17,7 @@ from torch import nn
 
 from .clip_models import (ClipModel, ConvImageTower, CosineClassifier, build_clip, clip_logit_scale, clip_preprocess, model_preprocess,
                           load_open_clip)
+from .losses import Outputs
 from .params import ParamsError
 from .runtime import PipelineError, read_word_list
 from .text_encoder import encode_with_context
@@ -279,8 +280,12 @@ class PromptKDStudent(_FrozenClipStudent):
         """[B, 3, H, W] in [0, 1] -> unit-norm [B, D_teacher] in the teacher's embedding space."""
         return F.normalize(self.projector(self.encoder(self.preprocess(images))), dim=-1)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * self.image_features(images) @ self.class_vectors.t()
+    def forward(self, images: torch.Tensor, features: bool = False) -> "torch.Tensor | Outputs":
+        """Logits [B, C]; with `features`, `Outputs(logits, projector output [B, D_teacher])` for
+        the feature losses."""
+        projected = self.projector(self.encoder(self.preprocess(images)))
+        logits = self.logit_scale * F.normalize(projected, dim=-1) @ self.class_vectors.t()
+        return Outputs(logits, projected) if features else logits
 
 
 # ---------------------------------------------------------------- KDPL

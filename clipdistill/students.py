@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .losses import Outputs
 from .prompt_students import KDPLStudent, PromptKDStudent
 from .runtime import PipelineError, read_checkpoint
 
@@ -111,11 +112,16 @@ class CnnStudent(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, features: bool = False) -> "torch.Tensor | Outputs":
+        """Logits [B, C]; with `features`, `Outputs(logits, projection [B, D])` for the feature
+        losses (projection head only)."""
         out = self.head(self.backbone((images - self.mean) / self.std))
-        if self.head_kind == "projection":
-            return self.logit_scale * F.normalize(out, dim=-1) @ self.class_vectors.t()
-        return out
+        if self.head_kind != "projection":
+            if features:
+                raise ValueError("a linear-head student has no image features to distill")
+            return out
+        logits = self.logit_scale * F.normalize(out, dim=-1) @ self.class_vectors.t()
+        return Outputs(logits, out) if features else logits
 
 
     @classmethod

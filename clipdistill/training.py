@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .augment import student_augment
 from .image_sets import EpochReader, ImageSet, as_image_set, batches as image_batches, sequential
+from .losses import logits_of
 from .resumable import Checkpoints, EpochOrder, TensorState, TrainableState, run_steps
 from .runtime import Dist, PipelineError, autocast
 from .schedules import cosine_lr
@@ -39,7 +40,9 @@ def distill(student: torch.nn.Module, teacher_logits, images: ImageSet | torch.T
             checkpoints: Checkpoints | None = None, holdout: ImageSet | torch.Tensor | None = None,
             workers: int = 0) -> tuple[list[float], list[float]]:
     """Train `student` to match `teacher_logits(x) -> [B, C]` on `images` (uint8, in RAM or
-    streamed: each epoch's batches are decoded ahead by `workers` DataLoader processes).
+    streamed: each epoch's batches are decoded ahead by `workers` DataLoader processes). For the
+    feature losses the teacher and `student_step` give `losses.Outputs` (logits and image
+    features) instead of logits; `loss_fn` receives whatever they give.
 
     AdamW (or SGD with momentum 0.9, `optimizer="sgd"`, as CoOp, KDPL and PromptKD train prompts)
     with a cosine schedule and one warm-up epoch; only parameters with requires_grad train.
@@ -114,7 +117,7 @@ def top1_agreement(student, teacher_logits, images: ImageSet, batch_size: int, d
     for x in image_batches(images, sequential(len(images), batch_size), workers=workers, device=device):
         x = x.float().div(255)
         with autocast(device, amp_dtype):
-            same += int((student(x).argmax(-1) == teacher_logits(x).argmax(-1)).sum())
+            same += int((student(x).argmax(-1) == logits_of(teacher_logits(x)).argmax(-1)).sum())
     student.train(was_training)
     return same / max(1, len(images))
 

@@ -8,6 +8,9 @@ distill.images: synthetic (data-free, the default) | world (the world's train im
 discarded) | a folder of unlabeled images | WebDataset tar shards (`data/imagenet/{00000..01023}.tar`).
 A set under data.memory_budget_mb decoded is read into RAM once; a larger one streams, decoded by
 data.workers DataLoader processes (clipdistill/image_sets.py).
+distill.loss: kl | reverse_kl | symmetric_kl | promptkd on the logits, or feature_l2 | feature_cosine
+on the student's projection against the teacher's image feature (cnn and promptkd students), plus
+distill.feature_kl_weight x kl.
 With distill.base_to_novel, a second student trains on the first half of the classes only
 (student_b2n.pt) for the base-to-novel evaluation. Each student's own keys are under
 distill.<student> (distill.cnn, distill.promptkd, distill.kdpl).
@@ -33,7 +36,7 @@ from clipdistill.clip_models import decoding, load_clip
 from clipdistill.data import load_shards, load_unlabeled
 from clipdistill.image_sets import ImageSet, expand_shards, fit_in_memory, is_tar_pattern
 from clipdistill.live import LIVE_DIR, scheduled_lrs, write_curves
-from clipdistill.losses import get_loss
+from clipdistill.losses import Outputs, get_loss, needs_features
 from clipdistill.params import load_params
 from clipdistill.prompt_students import class_agnostic_logits, load_classnames
 from clipdistill.resumable import Checkpoints
@@ -93,9 +96,16 @@ def train_student(params, classes, vectors, images, teacher, small_clip, generat
             topk = params.distill.kdpl.topk
             student_step = lambda model, x, t: class_agnostic_logits(model, x, t, topk)[:2]  # noqa: E731
         teacher_logits = lambda x: student.logit_scale * teacher.encode_image(x) @ target.t()  # noqa: E731
+    elif needs_features(params.distill.loss):
+        # Feature losses: the teacher's unit-norm image feature and its logits from one pass; the
+        # student gives its projection too.
+        def teacher_logits(x):
+            feature = teacher.encode_image(x)
+            return Outputs(teacher.logit_scale * feature @ vectors.t(), feature)
+        student_step = lambda model, x, t: (model(x, features=True), t)  # noqa: E731
     else:
         teacher_logits = lambda x: teacher.logits(x, vectors)  # noqa: E731
-    loss_fn = get_loss(params.distill.loss, params.distill.kd_weight)
+    loss_fn = get_loss(params.distill.loss, params.distill.kd_weight, params.distill.feature_kl_weight)
     losses, agreement = distill(student, teacher_logits, images, loss_fn, temperature=params.distill.temperature,
                                 epochs=params.distill.epochs, batch_size=params.distill.batch_size,
                                 lr=params.distill.lr, weight_decay=params.distill.weight_decay,

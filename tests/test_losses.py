@@ -52,3 +52,60 @@ def test_unknown_loss_is_refused_at_params_with_the_registrys_names():
     raw["distill"]["loss"] = "l2"
     with pytest.raises(ParamsError, match="'distill.loss' is 'l2'; choose one of " + ", ".join(LOSSES)):
         parse_params(raw)
+
+
+def _outputs(gen, requires_grad=False, n=4, c=3, d=5):
+    from clipdistill.losses import Outputs
+
+    logits = torch.randn(n, c, generator=gen).requires_grad_(requires_grad)
+    features = torch.randn(n, d, generator=gen).requires_grad_(requires_grad)
+    return Outputs(logits, features)
+
+
+def test_feature_losses_match_the_hand_formulas(gen):
+    s, t = _outputs(gen), _outputs(gen)
+    t = t._replace(features=torch.nn.functional.normalize(t.features, dim=-1))  # the teacher's feature is unit-norm
+    l2 = sum(sum((a - b) ** 2 for a, b in zip(sr, tr)) for sr, tr in zip(s.features.tolist(), t.features.tolist())) / 4
+    assert get_loss("feature_l2", 1000.0)(s, t, 4.0).item() == pytest.approx(l2, rel=1e-5)
+
+    def cos(a, b):
+        return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+    hand = sum(1 - cos(a, b) for a, b in zip(s.features.tolist(), t.features.tolist())) / 4
+    assert get_loss("feature_cosine", 1000.0)(s, t, 4.0).item() == pytest.approx(hand, rel=1e-5)
+    # the KL weight adds weight * the logit KD loss
+    combined = get_loss("feature_cosine", 1000.0, kl_weight=0.5)(s, t, 4.0).item()
+    assert combined == pytest.approx(hand + 0.5 * kd_kl(s.logits, t.logits, 4.0).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["feature_l2", "feature_cosine"])
+def test_feature_losses_send_no_gradient_to_the_teacher_and_are_zero_iff_equal(name, gen):
+    s, t = _outputs(gen, requires_grad=True), _outputs(gen, requires_grad=True)
+    t_unit = t._replace(features=torch.nn.functional.normalize(t.features, dim=-1))
+    loss = get_loss(name, 1000.0, kl_weight=1.0)(s, t_unit, 2.0)
+    loss.backward()
+    assert t.logits.grad is None and t.features.grad is None
+    assert s.features.grad.abs().sum() > 0 and s.logits.grad.abs().sum() > 0
+    same = get_loss(name, 1000.0, kl_weight=1.0)(t_unit, t_unit, 2.0)
+    assert same.item() == pytest.approx(0.0, abs=1e-6) and loss.item() > 1e-3
+    if name == "feature_cosine":  # the direction only: a rescaled student feature is still a perfect match
+        scaled = t_unit._replace(features=3 * t_unit.features)
+        assert get_loss(name, 1000.0)(scaled, t_unit, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    else:  # L2 also pins the norm
+        scaled = t_unit._replace(features=3 * t_unit.features)
+        assert get_loss(name, 1000.0)(scaled, t_unit, 2.0).item() == pytest.approx(4.0, rel=1e-5)
+
+
+def test_a_feature_loss_needs_a_student_with_image_features():
+    import yaml
+
+    from clipdistill.params import ParamsError, parse_params
+    from project import ROOT
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["distill"]["loss"] = "feature_l2"
+    parse_params(raw)  # the default CNN student has the projection head
+    for student, head in (("kdpl", "projection"), ("cnn", "linear")):
+        raw["distill"]["student"], raw["distill"]["cnn"]["head"] = student, head
+        raw["distill"]["base_to_novel"] = False
+        with pytest.raises(ParamsError, match="'distill.loss' feature_l2 needs a student with image features"):
+            parse_params(raw)

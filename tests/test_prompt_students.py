@@ -149,6 +149,10 @@ def test_promptkd_without_prompts_is_the_plain_clip_image_tower(tower):
         # logits are scaled cosines against the stored vectors, for inputs of any size
         logits = student(x)
         assert torch.allclose(logits, 100.0 * student.image_features(x) @ student.class_vectors.t(), atol=1e-5)
+        # the feature losses' view: the same logits and the projector's output before normalising
+        out = student(x, features=True)
+        assert torch.equal(out.logits, logits)
+        assert torch.allclose(F.normalize(out.features, dim=-1), student.image_features(x), atol=1e-6)
     assert logits.shape == (2, len(CLASSES)) and logits.abs().max() <= 100.0 + 1e-4
     assert isinstance(student.encoder, ConvPrompts if tower == "conv" else VitPrompts)
 

@@ -44,3 +44,36 @@ def test_resnet18_student_is_torchvisions_and_round_trips(tmp_path, gen):
     save_student(s, tmp_path / "r18.pt")
     again = load_student(tmp_path / "r18.pt")
     assert again.backbone_name == "resnet18" and torch.equal(again(x), out)
+
+
+def test_feature_distillation_moves_the_projection_onto_the_teachers_features(gen):
+    """distill with feature_l2: the student's projection approaches the teacher's unit-norm image
+    features, and its logits are the ones `forward` gives."""
+    from clipdistill.losses import Outputs, get_loss
+    from clipdistill.training import distill
+
+    vectors = F.normalize(torch.randn(3, 6, generator=gen), dim=-1)
+    student = CnnStudent(vectors, 20.0, head="projection", width=8, depth=1, backbone="cifar_resnet")
+    mix = torch.randn(3, 6, generator=gen)
+
+    def teacher(x):  # a fixed "image tower": unit-norm features of the channel means
+        feature = F.normalize(x.mean((2, 3)) @ mix, dim=-1)
+        return Outputs(20.0 * feature @ vectors.t(), feature)
+
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=gen)
+    x = images.float().div(255)
+
+    def distance():
+        student.eval()
+        with torch.no_grad():
+            out = student(x, features=True)
+            assert torch.equal(out.logits, student(x))
+            return float((out.features - teacher(x).features).square().sum(-1).mean())
+
+    before = distance()
+    distill(student, teacher, images, get_loss("feature_l2", 1000.0), temperature=1.0, epochs=20, batch_size=16,
+            lr=1e-2, weight_decay=0.0, augment=False, generator=torch.Generator().manual_seed(0),
+            device=torch.device("cpu"), student_step=lambda model, x, t: (model(x, features=True), t))
+    assert distance() < before / 4
+    with pytest.raises(ValueError, match="no image features"):
+        CnnStudent(vectors, 20.0, head="linear", width=8, depth=1, backbone="cifar_resnet")(x, features=True)

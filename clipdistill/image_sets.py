@@ -203,8 +203,8 @@ def _stack(items: list[torch.Tensor]) -> torch.Tensor:
 
 
 # Streamed batches between two `release_free_memory` calls: each call hands back what the retain
-# policy keeps for the next step, so a training step after it page-faults its buffers again
-# (every batch: distill at 224 px 10 % slower); every 8th keeps a 100k-image evaluate flat as well.
+# policy keeps for the next step, so the step after it page-faults its buffers again; every 8th
+# batch still keeps a 100k-image evaluate within 1.14x of a 2k one (docs/results.md, Data at scale).
 TRIM_EVERY = 8
 
 

@@ -8,6 +8,7 @@ total wall clock and the peak memory (PSS of `dvc` and every process under it, s
   python benchmarks/stage_times.py                       # this checkout, every stage
   python benchmarks/stage_times.py --repo /tmp/clone     # another checkout (e.g. an older commit)
   python benchmarks/stage_times.py --no-force evaluate   # only what is stale, up to `evaluate`
+  python benchmarks/stage_times.py --single-item distill evaluate   # just those two stages
 
 The last line is the figure: `dvc repro: N min S s, peak memory X.XX GB`.
 """
@@ -80,11 +81,13 @@ def main():
     parser.add_argument("targets", nargs="*", help="dvc repro targets (default: the whole pipeline)")
     parser.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]), help="checkout to run in")
     parser.add_argument("--no-force", action="store_true", help="run only the stale stages (no --force)")
+    parser.add_argument("--single-item", action="store_true", help="only the targets, not their upstream stages")
     parser.add_argument("--log", help="where the stages' output goes (default: a temp file)")
     args = parser.parse_args()
     repo = Path(args.repo).resolve()
     log_path = Path(args.log) if args.log else Path(tempfile.mkstemp(prefix="stage_times_", suffix=".log")[1])
-    cmd = ["dvc", "repro", *([] if args.no_force else ["--force"]), *args.targets]
+    cmd = ["dvc", "repro", *([] if args.no_force else ["--force"]), *(["--single-item"] if args.single_item else []),
+           *args.targets]
     # The checkout's own package first, whatever another clone's editable install points at.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
     print(f"machine: {os.cpu_count()} cores, {cpu_model()}, {psutil.virtual_memory().total / 2**30:.0f} GB RAM")

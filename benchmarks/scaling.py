@@ -13,7 +13,7 @@ default's CNN student and teacher tower (random weights), fed the batch resized 
 Peak memory is sampled every 0.1 s as the proportional set size (PSS) of the process and its
 DataLoader workers together (shared pages counted once), separately for distill and evaluate.
 
-  python benchmarks/scaling.py                          # 2k, 20k, 100k at 224 px (~15 min on 2 cores)
+  python benchmarks/scaling.py                          # 2k, 20k, 100k at 224 px (~40 min on 2 cores)
   python benchmarks/scaling.py --sizes 2000,20000       # fewer sizes
   python benchmarks/scaling.py --sizes 64,128 --image-size 32 --per-shard 32   # smoke run
 

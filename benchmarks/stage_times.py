@@ -35,9 +35,11 @@ def cpu_model() -> str:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    family = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("cpu family")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    fields: dict[str, str] = {}
+    for line in info.splitlines():  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name, family, flags = fields.get("model name", "?"), fields.get("cpu family", "?"), set(fields.get("flags", "").split())
     bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
     return f"{name} (family {family}; {', '.join(bf16) or 'no native bf16'})"
 

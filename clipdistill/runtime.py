@@ -73,9 +73,8 @@ def release_free_memory() -> bool:
     `retain_freed_memory` bounds what the main heap keeps, but each thread that allocates (torch's
     intra-op threads) has an arena of its own that keeps its freed blocks too: streaming 100k
     images at 224 px through evaluate grew one process by 1.7 GB that way. Streamed reads call this
-    after each batch (`image_sets.batches`); it costs a walk of the free lists and the page faults
-    of the next batch's buffers, nothing measurable next to decoding 256 JPEGs. False (and nothing
-    done) where libc is not glibc.
+    every `image_sets.TRIM_EVERY` batches; it costs a walk of the free lists and the page faults of
+    the next batch's buffers. False (and nothing done) where libc is not glibc.
     """
     if not sys.platform.startswith("linux"):
         return False

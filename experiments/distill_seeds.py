@@ -37,10 +37,6 @@ FEATURE_LOSS_RUNS = [
 ]
 
 
-def parse_value(text: str):
-    return yaml.safe_load(text)
-
-
 def with_overrides(params: dict, overrides: dict) -> dict:
     out = json.loads(json.dumps(params))
     for key, value in overrides.items():
@@ -89,7 +85,7 @@ def main():
     rows = []
     for spec in args.runs:
         name, _, rest = spec.partition("=")
-        overrides = {k: parse_value(v) for k, v in (item.split("=", 1) for item in rest.split(",") if item)}
+        overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in rest.split(",") if item)}
         per_seed = [one(name, overrides, seed, base) for seed in seeds]
         rows.append((name, per_seed))
     domains = [d for d in rows[0][1][0] if d != "mean"] + ["mean"]

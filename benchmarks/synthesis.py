@@ -19,9 +19,12 @@ Each mode is timed --repeats times and the fastest run counts. The line before t
 ceiling: a dense fp32 matmul's GFLOP/s on this machine over the loop's achieved GFLOP/s, the most
 any batching can give at the same FLOPs. The last line is the figure: `batched/loop speedup: N.Nx`.
 
---precision bf16 runs decoding and the teacher under bf16 autocast on the device (synthesize_batch's
-amp_dtype, what the synthesize stage's `precision: auto` does on CUDA; latents, Adam and the loss stay
-fp32), and the ceiling's matmul runs under the same autocast. Default fp32: no autocast.
+--precision auto (the default) picks the precision and memory format as the synthesize stage does
+(clipdistill/formats.py: bf16 and channels-last on CUDA; on a CPU with native bf16 the fastest of
+fp32/bf16 x NCHW/channels-last in a short probe, cached per machine; fp32 NCHW on other CPUs) and
+prints the choice. --precision bf16 runs decoding and the teacher under bf16 autocast (latents, Adam
+and the loss stay fp32); fp32 runs without autocast. The ceiling's matmul runs in the chosen
+precision, and the line before the figure gives the batched step's share of that rate.
 """
 from __future__ import annotations
 
@@ -42,8 +45,9 @@ from common import add_device_args, dense_matmul_gflops, machine_line, resolve_d
 from clipdistill.clip_models import embedded_clip_from_params, fold_batchnorm, load_open_clip
 from clipdistill.evaluation import count_parameters
 from clipdistill.params import load_params
-from clipdistill.runtime import autocast, channels_last, resolve_precision, run_stage
-from clipdistill.synthesis import image_seed, synthesize_batch
+from clipdistill.formats import choose_format
+from clipdistill.runtime import autocast, run_stage
+from clipdistill.synthesis import image_seed, synthesis_probe, synthesize_batch
 from clipdistill.vqgan import VQGAN, VQGANConfig, embedded_vqgan_config
 
 # taming-transformers' configs/vqgan_imagenet_f16_16384.yaml (model.params and its ddconfig).
@@ -79,7 +83,7 @@ def build_models(args, device):
         raise SystemExit(f"--image-size {size} must be a multiple of the VQGAN's downsample factor {f}")
     what += f" (f{f}, {cfg.n_embed} codes, {count_parameters(vqgan.decoder) / 1e6:.1f} M decoder parameters)"
     teacher = fold_batchnorm(teacher.to(device).eval().requires_grad_(False))  # as the synthesize stage does
-    vqgan = channels_last(vqgan.to(device).eval().requires_grad_(False), device)
+    vqgan = vqgan.to(device).eval().requires_grad_(False)
     return teacher, vqgan, size, what
 
 
@@ -119,9 +123,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs of each mode; the fastest counts (less noise from the rest of the machine)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="bf16: decoding and the teacher under bf16 autocast on the device, as the synthesize "
-                             "stage runs on CUDA (default fp32: no autocast)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="auto: the synthesize stage's choice for this device (default); bf16: decoding and the "
+                             "teacher under bf16 autocast; fp32: no autocast")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's table of 2 batched steps (where the time goes)")
     add_device_args(parser)
@@ -137,16 +141,24 @@ def main():
         raise SystemExit("--batch, --steps, --cutn and --repeats must be >= 1")
 
     device = resolve_device(args)
-    args.amp_dtype = resolve_precision(args.precision, device)
     print(machine_line(device))
     teacher, vqgan, size, what = build_models(args, device)
     f = vqgan.downsample_factor
     latent_hw = (size // f, size // f)
     gen = torch.Generator().manual_seed(args.seed)
     targets = F.normalize(torch.randn(args.batch, teacher.embed_dim, generator=gen), dim=-1).to(device)
+    fmt = choose_format("synthesis benchmark", args.precision, device,
+                        synthesis_probe(vqgan, teacher, targets, lr=0.1, cutn=args.cutn, cut_pow=1.0, min_cut=0.5,
+                                        augment=True, latent_hw=latent_hw),
+                        {"setting": args.setting, "batch": args.batch, "cutn": args.cutn, "image_size": size,
+                         "teacher": teacher.spec, "vqgan": str(vqgan.cfg)})
+    args.amp_dtype = fmt.amp_dtype
+    vqgan, teacher = fmt.apply(vqgan), fmt.apply(teacher)
+    precision = "bf16" if fmt.amp_dtype is not None else "fp32"
     print(f"setting {args.setting}: {what}")
     print(f"{args.batch} images of {size} px (latents {latent_hw[0]}x{latent_hw[1]}), {args.steps} steps, "
-          f"{args.cutn} cutouts of {teacher.image_size} px per image per step, on {device}, precision {args.precision}")
+          f"{args.cutn} cutouts of {teacher.image_size} px per image per step, on {device}")
+    print(fmt.describe("format"))
 
     def batched():
         run(vqgan, teacher, targets, 0, args, latent_hw, args.steps)
@@ -181,8 +193,10 @@ def main():
     with autocast(device, args.amp_dtype):  # bf16: the matmul runs in bf16, as the synthesis step's do
         peak = dense_matmul_gflops(device)
     loop_gflops = rows[1][4] * flops / 1e9
-    print(f"dense {args.precision} matmul peak {peak:.1f} GFLOP/s: batched at that rate would be {peak / loop_gflops:.1f}x "
+    print(f"dense {precision} matmul peak {peak:.1f} GFLOP/s: batched at that rate would be {peak / loop_gflops:.1f}x "
           f"the loop (the most batching can give here)")
+    print(f"batched step: {rows[0][4] * flops / 1e9:.1f} GFLOP/s, {100 * rows[0][4] * flops / 1e9 / peak:.0f} % of the "
+          f"dense {precision} matmul rate")
     if args.profile:
         with torch.profiler.profile() as prof:
             run(vqgan, teacher, targets, 0, args, latent_hw, 2)

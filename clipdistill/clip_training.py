@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from .augment import flip_translate
 from .clip_models import ClipModel
 from .image_sets import EpochReader, ImageSet, as_image_set
+from .formats import Probe, step_probe
 from .resumable import Checkpoints, EpochOrder, run_steps
+from .runtime import autocast
 from .schedules import clip_warmup_cosine
 
 
@@ -32,6 +34,23 @@ def multi_positive_clip_loss(img: torch.Tensor, txt: torch.Tensor, token_ids: to
     return 0.5 * (loss_i + loss_t)
 
 
+def clip_features(clip: ClipModel, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm image features of x [B, 3, H, W] in [0, 1] and text features of token ids [T, L]."""
+    return (F.normalize(clip.model.encode_image(clip.preprocess(x)), dim=-1),
+            F.normalize(clip.model.encode_text(tokens), dim=-1))
+
+
+def clip_probe(clip: ClipModel, images: ImageSet | torch.Tensor, captions: list[str], batch_size: int,
+               device: torch.device) -> Probe:
+    """`formats` probe of one `train_clip` step: both towers on the first `batch_size` images and captions."""
+    images = as_image_set(images)
+    n = min(batch_size, len(images))
+    x = torch.stack([images[i] for i in range(n)]).to(device).float().div(255)
+    tokens = torch.unique(clip._tokenizer(captions[:n]), dim=0).to(device)
+    clip = clip.to(device)
+    return step_probe({"clip": clip}, lambda clip: sum(f.sum() for f in clip_features(clip, x, tokens)), device)
+
+
 def clip_lr_factor(total: int):
     """The LambdaLR factor of step s out of `total`: warm-up over the first 5 % of steps."""
     warmup = max(1, total // 20)
@@ -41,12 +60,13 @@ def clip_lr_factor(total: int):
 def train_clip(clip: ClipModel, images: ImageSet | torch.Tensor, captions: list[str], *, epochs: int,
                batch_size: int, lr: float, weight_decay: float, generator: torch.Generator,
                device: torch.device, checkpoints: Checkpoints | None = None, desc: str = "clip",
-               workers: int = 0) -> list[float]:
+               workers: int = 0, amp_dtype: torch.dtype | None = None) -> list[float]:
     """Image-caption contrastive training of an embedded CLIP (the teacher or student_clip).
 
     images: N images (in RAM, or streamed by `workers` DataLoader processes); captions: N strings. AdamW + cosine schedule with warm-up;
     light augmentation (flip, 4-px translation). `checkpoints` makes it resumable
-    (`resumable.run_steps`); `desc` names its progress bar. Returns per-step losses.
+    (`resumable.run_steps`); `desc` names its progress bar. `amp_dtype` (e.g. bf16) runs both
+    towers under autocast; the loss, the weights and AdamW's state stay fp32. Returns per-step losses.
     """
     images = as_image_set(images)
     clip.train().to(device)
@@ -64,11 +84,11 @@ def train_clip(clip: ClipModel, images: ImageSet | torch.Tensor, captions: list[
         idx, images_u8 = reader.batch(i)
         x = flip_translate(images_u8.to(device).float().div(255), generator)
         tok = tokens[idx].to(device)
-        img_f = F.normalize(clip.model.encode_image(clip.preprocess(x)), dim=-1)
         # Encode each distinct caption once: batches repeat captions, and the text tower dominates cost.
         uniq, inverse = torch.unique(tok, dim=0, return_inverse=True)
-        txt_f = F.normalize(clip.model.encode_text(uniq), dim=-1)[inverse]
-        loss = multi_positive_clip_loss(img_f, txt_f, tok, clip.model.logit_scale.exp())
+        with autocast(device, amp_dtype):
+            img_f, txt_f = clip_features(clip, x, uniq)
+        loss = multi_positive_clip_loss(img_f.float(), txt_f.float()[inverse], tok, clip.model.logit_scale.exp())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

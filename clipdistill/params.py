@@ -78,6 +78,7 @@ class GeneratorParams:
     steps: int
     batch_size: int
     lr: float
+    schedule: str
     checkpoint_every: int
 
 
@@ -229,6 +230,7 @@ REGISTRIES = {
     "student_clip.source": ("clipdistill.clip_models", "CLIP_SOURCES"),
     "student_clip.vision": ("clipdistill.clip_models", "IMAGE_TOWERS"),
     "generator.source": ("clipdistill.vqgan", "SOURCES"),
+    "generator.schedule": ("clipdistill.vqgan", "SCHEDULES"),
     "prompts.method": ("clipdistill.prompts", "METHODS"),
     "distill.student": ("clipdistill.students", "STUDENTS"),
     "distill.loss": ("clipdistill.losses", "LOSSES"),

@@ -115,8 +115,9 @@ def setup_torch(device: str, threads: int, retain_memory: bool = True) -> torch.
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """`auto | fp32 | bf16` -> the autocast dtype, or None for plain fp32.
 
-    auto is bf16 on CUDA (tensor cores; no loss scaling needed, unlike fp16) and fp32 on CPU, where
-    bf16 autocast is slower on most processors and fp32 keeps runs bit-reproducible.
+    What evaluation and export run in. auto is bf16 on CUDA (tensor cores; no loss scaling needed,
+    unlike fp16) and fp32 on CPU, where those stages take seconds and accuracy is measured at full
+    precision. The training and synthesis loops choose per loop with `formats.choose_format`.
     """
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None

@@ -6,11 +6,14 @@ is what makes it many times faster than the reference one-image loop.
 """
 from __future__ import annotations
 
+import copy
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .formats import Format
 from .runtime import autocast
 
 
@@ -155,6 +158,20 @@ def synthesize_batch(vqgan, teacher, targets: torch.Tensor, *, steps: int, lr: f
             z.copy_(torch.maximum(torch.minimum(z, z_max), z_min))
     with torch.no_grad(), autocast(z.device, amp_dtype):
         return decode_latents(vqgan, z).detach().float()
+
+
+def synthesis_probe(vqgan, teacher, targets: torch.Tensor, **optimise) -> Callable[[Format], Callable[[], None]]:
+    """`formats` probe: one `synthesize_batch` step on `targets`, with copies of both models in the
+    format's memory format. `optimise`: synthesize_batch's keywords but steps, generators and amp_dtype."""
+    def prepare(fmt: Format) -> Callable[[], None]:
+        models = [fmt.apply(copy.deepcopy(m)) for m in (vqgan, teacher)]
+
+        def run() -> None:
+            gens = [torch.Generator().manual_seed(i) for i in range(len(targets))]
+            synthesize_batch(*models, targets, steps=1, init_generators=gens, generator=torch.Generator().manual_seed(0),
+                             amp_dtype=fmt.amp_dtype, **optimise)
+        return run
+    return prepare
 
 
 def image_seed(seed: int, prompt_id: int) -> int:

@@ -34,14 +34,15 @@ import torch
 
 from clipdistill.clip_models import decoding, load_clip
 from clipdistill.data import load_shards, load_unlabeled
+from clipdistill.formats import choose_format, step_probe
 from clipdistill.image_sets import ImageSet, expand_shards, fit_in_memory, is_tar_pattern
 from clipdistill.live import LIVE_DIR, scheduled_lrs, write_curves
-from clipdistill.losses import Outputs, get_loss, needs_features
+from clipdistill.losses import Outputs, get_loss, logits_of, needs_features
 from clipdistill.params import load_params
 from clipdistill.prompt_students import class_agnostic_logits, load_classnames
 from clipdistill.resumable import Checkpoints
-from clipdistill.runtime import (Dist, PipelineError, atomic_dir, channels_last, init_distributed, resolve_precision,
-                                 run_stage, seed_everything, setup_torch, stage_args, write_json)
+from clipdistill.runtime import (Dist, PipelineError, atomic_dir, init_distributed, run_stage, seed_everything,
+                                 setup_torch, stage_args, write_json)
 from clipdistill.students import STUDENTS, save_student
 from clipdistill.text import class_vectors as text_class_vectors
 from clipdistill.text import load_class_vectors
@@ -72,15 +73,37 @@ def split_holdout(images: ImageSet, n: int) -> tuple[ImageSet, ImageSet | None]:
     return images.subset((~out).nonzero().squeeze(1)), images.subset(out.nonzero().squeeze(1))
 
 
+def student_format(params, student, teacher, vectors, images: ImageSet, device):
+    """The precision and memory format the distillation loop runs in (clipdistill/formats.py), probed on
+    one batch: the teacher's logits and the student's forward and backward pass."""
+    n = min(params.distill.batch_size, len(images))
+    x = torch.stack([images[i] for i in range(n)]).to(device).float().div(255)
+
+    def step(student, teacher):
+        with torch.no_grad():
+            teacher.logits(x, vectors)
+        return logits_of(student(x))
+    fmt = choose_format("distill", params.precision, device, step_probe({"student": student, "teacher": teacher},
+                                                                         step, device),
+                        {"distill": asdict(params.distill), "image_size": params.world.image_size,
+                         "teacher": teacher.spec})
+    print(fmt.describe("distill"))
+    return fmt
+
+
 def train_student(params, classes, vectors, images, teacher, small_clip, generator, device,
                   checkpoints: Checkpoints, dist: Dist = Dist(), holdout: ImageSet | None = None):
     """One student over `classes` (teacher class vectors `vectors` [C, D]) on `images`; returns
-    (student on CPU, per-step losses, per-epoch agreement on `holdout`)."""
+    (student on CPU, per-step losses, per-epoch agreement on `holdout`). Its checkpoints go to a
+    sub-folder of `checkpoints` named by the chosen format, so a resume never switches format."""
     kind = params.distill.student
     student = STUDENTS[kind].from_params(getattr(params.distill, kind), class_vectors=vectors.cpu(),
                                          logit_scale=teacher.logit_scale, classes=classes, clip=small_clip,
                                          generator=generator)
-    channels_last(student.to(device), device)
+    student.to(device)
+    fmt = student_format(params, student, teacher, vectors, images, device)
+    fmt.apply(student)
+    checkpoints = checkpoints.sub(fmt.name.replace(" ", "_"))
     student_step = None
     if kind == "kdpl":
         # KDPL: teacher logits at the student's logit scale (100 for pretrained CLIPs).
@@ -111,7 +134,7 @@ def train_student(params, classes, vectors, images, teacher, small_clip, generat
                                 lr=params.distill.lr, weight_decay=params.distill.weight_decay,
                                 augment=params.distill.augment, optimizer=params.distill.optimizer,
                                 generator=generator, device=device, student_step=student_step,
-                                amp_dtype=resolve_precision(params.precision, device), dist=dist,
+                                amp_dtype=fmt.amp_dtype, dist=dist,
                                 checkpoints=checkpoints, holdout=holdout, workers=params.data.workers)
     student.set_classes(classes, vectors.cpu())  # KDPL-CA: back from the dictionary to the task's classes
     return student.cpu(), losses, agreement

@@ -17,6 +17,7 @@ from dataclasses import asdict
 import torch
 
 from clipdistill.data import load_captioned_split, load_domain_folder, world_test_root
+from clipdistill.formats import choose_format, step_probe
 from clipdistill.image_sets import decode_all
 from clipdistill.live import LIVE_DIR, write_curves
 from clipdistill.params import load_params
@@ -24,7 +25,8 @@ from clipdistill.preprocess import clip_default
 from clipdistill.resumable import Checkpoints
 from clipdistill.runtime import atomic_dir, run_stage, seed_everything, setup_torch, stage_args, write_json
 from clipdistill.taming_release import load_taming_checkpoint
-from clipdistill.vqgan import VQGAN, embedded_vqgan_config, reconstruction_psnr, save_checkpoint, train_vqgan
+from clipdistill.vqgan import (VQGAN, embedded_vqgan_config, generator_lrs, reconstruction_psnr, save_checkpoint,
+                               train_vqgan)
 
 PSNR_IMAGES = 256
 
@@ -41,14 +43,19 @@ def main():
         world_train = Path(args.world) / "train"
         # The rendered world's train split: small by construction, trained on from RAM.
         images = decode_all(load_captioned_split(world_train, clip_default(size))[0], params.data.workers).images
+        batch = images[:params.generator.batch_size].to(device).float().div(255).mul(2).sub(1)
+        fmt = choose_format("generator", params.precision, device, step_probe({"model": model}, lambda model: model(batch)[0], device),
+                            {"vqgan": asdict(cfg), "batch": params.generator.batch_size})
+        print(fmt.describe("generator"))
         checkpoints = Checkpoints.for_stage(
             args.out, {"generator": asdict(params.generator), "seed": params.seed, "threads": params.threads,
-                       "device": params.device, "image_size": size}, [world_train], params.generator.checkpoint_every)
-        losses = train_vqgan(model, images.to(device), steps=params.generator.steps,
+                       "device": params.device, "image_size": size, "format": fmt.name}, [world_train],
+            params.generator.checkpoint_every)
+        losses = train_vqgan(fmt.apply(model), images.to(device), steps=params.generator.steps,
                              batch_size=params.generator.batch_size, lr=params.generator.lr, seed=params.seed,
-                             checkpoints=checkpoints)
-        summary = {"source": "embedded", "final_loss": sum(losses[-50:]) / len(losses[-50:])}
-        curves = {"loss": losses, "lr": [params.generator.lr] * len(losses)}  # Adam at a constant rate
+                             checkpoints=checkpoints, schedule=params.generator.schedule, amp_dtype=fmt.amp_dtype)
+        summary = {"source": "embedded", "final_loss": sum(losses[-50:]) / len(losses[-50:]), "format": fmt.name}
+        curves = {"loss": losses, "lr": generator_lrs(params.generator)}
     else:
         model = load_taming_checkpoint(params.generator.taming_config, params.generator.taming_checkpoint).to(device)
         cfg = model.cfg

@@ -15,7 +15,7 @@ from pathlib import Path
 
 # This checkout's package first: an editable install of another clone must not run in its place.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from dataclasses import asdict
 
 import pandas as pd
 import torch
@@ -23,14 +23,14 @@ from tqdm import tqdm
 
 from clipdistill.clip_models import fold_batchnorm, load_clip
 from clipdistill.diversity import ClassSums, diversity_report
+from clipdistill.formats import choose_format
 from clipdistill.params import load_params
 from clipdistill.prompts import load_prompts
-from clipdistill.runtime import (atomic_dir, channels_last, init_distributed, resolve_precision, run_stage, setup_torch,
-                                 stage_args, write_json)
+from clipdistill.runtime import atomic_dir, init_distributed, run_stage, setup_torch, stage_args, write_json
 from clipdistill.resumable import remove_work_dir, work_dir, work_key
 from clipdistill.shards import (PREVIEW_PER_CLASS, finalize, load_shard, preview_grid, save_shard, shard_name,
                                 shard_ranges)
-from clipdistill.synthesis import synthesize_shard
+from clipdistill.synthesis import synthesis_probe, synthesize_shard
 from clipdistill.text import load_class_vectors
 from clipdistill.vqgan import load_checkpoint as load_vqgan
 
@@ -70,13 +70,24 @@ def main():
     table, targets = load_prompts(args.prompts)
     targets = targets.to(device)
     teacher = fold_batchnorm(load_clip(args.teacher, device))  # frozen: BN folded into its convs
-    vqgan = channels_last(load_vqgan(Path(args.generator) / "vqgan.pt").to(device).eval().requires_grad_(False), device)
+    vqgan = load_vqgan(Path(args.generator) / "vqgan.pt").to(device).eval().requires_grad_(False)
     class_vectors = load_class_vectors(args.text_features)["features"].to(device)
     latent_side = params.world.image_size // vqgan.downsample_factor
+    optimise = {"lr": params.synthesize.lr, "cutn": params.synthesize.cutn, "cut_pow": params.synthesize.cut_pow,
+                "min_cut": params.synthesize.min_cut, "augment": params.synthesize.augment,
+                "latent_hw": (latent_side, latent_side)}
+    fmt = choose_format("synthesize", params.precision, device,
+                        synthesis_probe(vqgan, teacher, targets[:params.synthesize.batch_size], **optimise),
+                        {"synthesize": vars(params.synthesize), "image_size": params.world.image_size,
+                         "teacher": teacher.spec, "vqgan": asdict(vqgan.cfg)})
+    if dist.main:
+        print(fmt.describe("synthesize"))
+    vqgan, teacher = fmt.apply(vqgan), fmt.apply(teacher)
 
     out = Path(args.out)
     key = work_key({"synthesize": vars(params.synthesize), "seed": params.seed, "image_size": params.world.image_size,
-                    "precision": params.precision, "device": params.device, "threads": params.threads},
+                    "precision": params.precision, "device": params.device, "threads": params.threads,
+                    "format": fmt.name},
                    [Path(args.prompts) / "features.pt", Path(args.generator) / "vqgan.pt",
                     Path(args.teacher) / "clip.pt", Path(args.text_features) / "class_vectors.pt"])
     work = work_dir(out, key)
@@ -92,12 +103,8 @@ def main():
     labels = torch.tensor(table["label"].to_numpy(), device=device)
     for i in todo:
         shard = synthesize_shard(vqgan, teacher, targets, class_vectors, labels, *ranges[i],
-                                 seed=params.seed, batch_size=params.synthesize.batch_size,
-                                 latent_hw=(latent_side, latent_side), progress=bar,
-                                 steps=params.synthesize.steps, lr=params.synthesize.lr, cutn=params.synthesize.cutn,
-                                 cut_pow=params.synthesize.cut_pow, min_cut=params.synthesize.min_cut,
-                                 augment=params.synthesize.augment,
-                                 amp_dtype=resolve_precision(params.precision, device))
+                                 seed=params.seed, batch_size=params.synthesize.batch_size, progress=bar,
+                                 steps=params.synthesize.steps, amp_dtype=fmt.amp_dtype, **optimise)
         save_shard(work / shard_name(i), shard.pop("images"), [f"{pid:09d}" for pid in shard["prompt_ids"].tolist()],
                    labels=labels[shard["prompt_ids"]].cpu(), **shard)
     bar.close()

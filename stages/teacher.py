@@ -15,8 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataclasses import asdict
 
 from clipdistill.clip_models import CLIP_FILE, embedded_clip_from_params, load_open_clip, save_clip
-from clipdistill.clip_training import clip_lr_factor, train_clip
+from clipdistill.clip_training import clip_lr_factor, clip_probe, train_clip
 from clipdistill.data import load_captioned_split
+from clipdistill.formats import choose_format
 from clipdistill.image_sets import fit_in_memory
 from clipdistill.live import LIVE_DIR, scheduled_lrs, write_curves
 from clipdistill.params import load_params
@@ -40,17 +41,23 @@ def main():
     checkpoints, curves = None, None
     if section.source == "embedded":
         world_train = Path(args.world) / "train"
-        checkpoints = Checkpoints.for_stage(
-            args.out, {args.section: asdict(section), "seed": params.seed, "threads": params.threads,
-                       "device": params.device, "image_size": image_size}, [world_train], section.checkpoint_every)
         model = embedded_clip_from_params(section, image_size)
         images, captions, _ = load_captioned_split(world_train, model.prep)
         images = fit_in_memory(images, params.data.memory_budget_mb, params.data.workers, args.section)
-        losses = train_clip(model, images, captions, epochs=section.epochs, batch_size=section.batch_size,
+        fmt = choose_format(args.section, params.precision, device,
+                            clip_probe(model, images, captions, section.batch_size, device),
+                            {args.section: asdict(section), "image_size": image_size})
+        print(fmt.describe(args.section))
+        checkpoints = Checkpoints.for_stage(
+            args.out, {args.section: asdict(section), "seed": params.seed, "threads": params.threads,
+                       "device": params.device, "image_size": image_size, "format": fmt.name}, [world_train],
+            section.checkpoint_every)
+        losses = train_clip(fmt.apply(model), images, captions, epochs=section.epochs, batch_size=section.batch_size,
                             lr=section.lr, weight_decay=section.weight_decay, generator=generator, device=device,
-                            checkpoints=checkpoints, desc=args.section, workers=params.data.workers)
+                            checkpoints=checkpoints, desc=args.section, workers=params.data.workers,
+                            amp_dtype=fmt.amp_dtype)
         summary.update(final_loss=sum(losses[-20:]) / len(losses[-20:]), steps=len(losses),
-                       logit_scale=model.logit_scale)
+                       logit_scale=model.logit_scale, format=fmt.name)
         curves = {"loss": losses, "lr": scheduled_lrs(section.lr, clip_lr_factor(len(losses)), len(losses))}
     else:
         model = load_open_clip(section.open_clip_model, section.pretrained)

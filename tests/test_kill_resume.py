@@ -29,7 +29,7 @@ KILLS = {
     "student_clip": ("artifacts/student_clip", "artifacts/.student_clip.work", "*/step_*.pt", 2 * EVERY),
     "generator": ("artifacts/generator", "artifacts/.generator.work", "*/step_*.pt", 2 * EVERY),
     "synthesize": ("artifacts/synth", "artifacts/.synth.work", "*/shard_*.tar", 2),
-    "distill": ("artifacts/student", "artifacts/.student.work", "*/student/step_*.pt", 2 * EVERY),
+    "distill": ("artifacts/student", "artifacts/.student.work", "*/student/*/step_*.pt", 2 * EVERY),
 }
 
 

@@ -4,6 +4,9 @@ Runs `dvc repro` (by default with `--force`, so every stage runs whatever the ca
 checkout, stamps each "Running stage" line DVC prints, and prints one row per stage that ran, the
 total wall clock and the peak memory (PSS of `dvc` and every process under it, sampled every
 0.5 s, shared pages counted once). Stage output is written to `--log` (default: a temp file).
+A second table lists the training and synthesis loops the stages logged: the precision and memory
+format each chose (clipdistill/formats.py), its steps, GFLOP per step (convolutions and matmuls,
+forward and backward) and the GFLOP/s it achieved over the loop's own seconds.
 
   python benchmarks/stage_times.py                       # this checkout, every stage
   python benchmarks/stage_times.py --repo /tmp/clone     # another checkout (e.g. an older commit)
@@ -27,6 +30,9 @@ from pathlib import Path
 import psutil
 
 RUNNING = re.compile(r"^Running stage '([^']+)'")
+# The stages' log lines of clipdistill.formats: `<loop>: <format> (why)` and `formats.loop_rate`'s line.
+FORMAT = re.compile(r"^([\w ]+): ((?:fp32|bf16) (?:NCHW|channels-last)) \(")
+RATE = re.compile(r"^(.+?) loop: (\d+) steps of ([\d.e+-]+) GFLOP in ([\d.]+) s: ([\d.]+) GFLOP/s$")
 
 
 def cpu_model() -> str:
@@ -95,6 +101,8 @@ def main():
     print(f"machine: {os.cpu_count()} cores, {cpu_model()}, {psutil.virtual_memory().total / 2**30:.0f} GB RAM")
     print(f"running `{' '.join(cmd)}` in {repo}; stage output: {log_path}", flush=True)
     stamps: list[tuple[str, float]] = []
+    loops: list[list[str]] = []  # stage, loop, format, steps, GFLOP per step, seconds, GFLOP/s
+    chosen: dict[str, str] = {}
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -108,6 +116,11 @@ def main():
                 if stamps:
                     print(f"  {stamps[-1][0]}: {now - stamps[-1][1]:.0f} s", flush=True)
                 stamps.append((match.group(1), now))
+            if (fmt := FORMAT.match(line)) is not None:
+                chosen[fmt.group(1)] = fmt.group(2)
+            if (rate := RATE.match(line.rstrip())) is not None and stamps:
+                loop = rate.group(1)
+                loops.append([stamps[-1][0], loop, chosen.get(loop.split(" (")[0], "?"), *rate.groups()[1:]])
         code = proc.wait()
         peak_bytes = peak.stop()
     end = time.perf_counter()
@@ -116,6 +129,10 @@ def main():
     print("\n| stage | seconds |\n|---|---|")
     for (name, t0), (_, t1) in zip(stamps, [*stamps[1:], ("", end)]):
         print(f"| {name} | {t1 - t0:.0f} |")
+    if loops:
+        print("\n| stage | loop | format | steps | GFLOP per step | loop seconds | GFLOP/s |\n|---|---|---|---|---|---|---|")
+        for row in loops:
+            print(f"| {' | '.join(row)} |")
     print(f"\ndvc repro: {minutes(end - start)}, peak memory {peak_bytes / 2**30:.2f} GB")
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from .runtime import autocast, write_json
 
@@ -126,6 +127,23 @@ def step_probe(modules: dict[str, torch.nn.Module], step: Callable[..., torch.Te
             out.float().sum().backward()
         return run
     return prepare
+
+
+def step_flops(probe: Probe, fmt: Format) -> float:
+    """FLOPs of convolutions and matmuls in one probed step, forward and backward (norms and
+    activations are not counted), for the achieved-rate line of `loop_rate`."""
+    run = probe(fmt)
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return float(counter.get_total_flops())
+
+
+def loop_rate(loop: str, flops_per_step: float, steps: int, seconds: float) -> str:
+    """The log line of a loop's achieved rate: `<loop> loop: N steps of G GFLOP in S s: R GFLOP/s`.
+    benchmarks/stage_times.py collects these lines into its table. A resumed run counts the steps of
+    the run it resumed too, so its rate reads high."""
+    rate = flops_per_step * steps / max(seconds, 1e-9) / 1e9
+    return f"{loop} loop: {steps} steps of {flops_per_step / 1e9:.4g} GFLOP in {seconds:.2f} s: {rate:.1f} GFLOP/s"
 
 
 def _time_all(probe: Probe) -> dict[str, float]:

@@ -28,13 +28,14 @@ from pathlib import Path
 # This checkout's package first: an editable install of another clone must not run in its place.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import time
 from dataclasses import asdict
 
 import torch
 
 from clipdistill.clip_models import decoding, load_clip
 from clipdistill.data import load_shards, load_unlabeled
-from clipdistill.formats import choose_format, step_probe
+from clipdistill.formats import choose_format, loop_rate, step_flops, step_probe
 from clipdistill.image_sets import ImageSet, expand_shards, fit_in_memory, is_tar_pattern
 from clipdistill.live import LIVE_DIR, scheduled_lrs, write_curves
 from clipdistill.losses import Outputs, get_loss, logits_of, needs_features
@@ -83,12 +84,12 @@ def student_format(params, student, teacher, vectors, images: ImageSet, device):
         with torch.no_grad():
             teacher.logits(x, vectors)
         return logits_of(student(x))
-    fmt = choose_format("distill", params.precision, device, step_probe({"student": student, "teacher": teacher},
-                                                                         step, device),
+    probe = step_probe({"student": student, "teacher": teacher}, step, device)
+    fmt = choose_format("distill", params.precision, device, probe,
                         {"distill": asdict(params.distill), "image_size": params.world.image_size,
                          "teacher": teacher.spec})
     print(fmt.describe("distill"))
-    return fmt
+    return fmt, step_flops(probe, fmt)
 
 
 def train_student(params, classes, vectors, images, teacher, small_clip, generator, device,
@@ -101,7 +102,7 @@ def train_student(params, classes, vectors, images, teacher, small_clip, generat
                                          logit_scale=teacher.logit_scale, classes=classes, clip=small_clip,
                                          generator=generator)
     student.to(device)
-    fmt = student_format(params, student, teacher, vectors, images, device)
+    fmt, flops = student_format(params, student, teacher, vectors, images, device)
     fmt.apply(student)
     checkpoints = checkpoints.sub(fmt.name.replace(" ", "_"))
     student_step = None
@@ -129,6 +130,7 @@ def train_student(params, classes, vectors, images, teacher, small_clip, generat
     else:
         teacher_logits = lambda x: teacher.logits(x, vectors)  # noqa: E731
     loss_fn = get_loss(params.distill.loss, params.distill.kd_weight, params.distill.feature_kl_weight)
+    start = time.perf_counter()
     losses, agreement = distill(student, teacher_logits, images, loss_fn, temperature=params.distill.temperature,
                                 epochs=params.distill.epochs, batch_size=params.distill.batch_size,
                                 lr=params.distill.lr, weight_decay=params.distill.weight_decay,
@@ -136,6 +138,8 @@ def train_student(params, classes, vectors, images, teacher, small_clip, generat
                                 generator=generator, device=device, student_step=student_step,
                                 amp_dtype=fmt.amp_dtype, dist=dist,
                                 checkpoints=checkpoints, holdout=holdout, workers=params.data.workers)
+    if dist.main:
+        print(loop_rate(f"distill ({len(classes)} classes)", flops, len(losses), time.perf_counter() - start))
     student.set_classes(classes, vectors.cpu())  # KDPL-CA: back from the dictionary to the task's classes
     return student.cpu(), losses, agreement
 

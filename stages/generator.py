@@ -12,12 +12,13 @@ from pathlib import Path
 # This checkout's package first: an editable install of another clone must not run in its place.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import time
 from dataclasses import asdict
 
 import torch
 
 from clipdistill.data import load_captioned_split, load_domain_folder, world_test_root
-from clipdistill.formats import choose_format, step_probe
+from clipdistill.formats import choose_format, loop_rate, step_flops, step_probe
 from clipdistill.image_sets import decode_all
 from clipdistill.live import LIVE_DIR, write_curves
 from clipdistill.params import load_params
@@ -44,16 +45,20 @@ def main():
         # The rendered world's train split: small by construction, trained on from RAM.
         images = decode_all(load_captioned_split(world_train, clip_default(size))[0], params.data.workers).images
         batch = images[:params.generator.batch_size].to(device).float().div(255).mul(2).sub(1)
-        fmt = choose_format("generator", params.precision, device, step_probe({"model": model}, lambda model: model(batch)[0], device),
+        probe = step_probe({"model": model}, lambda model: model(batch)[0], device)
+        fmt = choose_format("generator", params.precision, device, probe,
                             {"vqgan": asdict(cfg), "batch": params.generator.batch_size})
         print(fmt.describe("generator"))
+        flops = step_flops(probe, fmt)
         checkpoints = Checkpoints.for_stage(
             args.out, {"generator": asdict(params.generator), "seed": params.seed, "threads": params.threads,
                        "device": params.device, "image_size": size, "format": fmt.name}, [world_train],
             params.generator.checkpoint_every)
+        start = time.perf_counter()
         losses = train_vqgan(fmt.apply(model), images.to(device), steps=params.generator.steps,
                              batch_size=params.generator.batch_size, lr=params.generator.lr, seed=params.seed,
                              checkpoints=checkpoints, schedule=params.generator.schedule, amp_dtype=fmt.amp_dtype)
+        print(loop_rate("generator", flops, len(losses), time.perf_counter() - start))
         summary = {"source": "embedded", "final_loss": sum(losses[-50:]) / len(losses[-50:]), "format": fmt.name}
         curves = {"loss": losses, "lr": generator_lrs(params.generator)}
     else:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 # This checkout's package first: an editable install of another clone must not run in its place.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import math
+import time
 from dataclasses import asdict
 
 import pandas as pd
@@ -23,7 +25,7 @@ from tqdm import tqdm
 
 from clipdistill.clip_models import fold_batchnorm, load_clip
 from clipdistill.diversity import ClassSums, diversity_report
-from clipdistill.formats import choose_format
+from clipdistill.formats import choose_format, loop_rate, step_flops
 from clipdistill.params import load_params
 from clipdistill.prompts import load_prompts
 from clipdistill.runtime import atomic_dir, init_distributed, run_stage, setup_torch, stage_args, write_json
@@ -76,12 +78,13 @@ def main():
     optimise = {"lr": params.synthesize.lr, "cutn": params.synthesize.cutn, "cut_pow": params.synthesize.cut_pow,
                 "min_cut": params.synthesize.min_cut, "augment": params.synthesize.augment,
                 "latent_hw": (latent_side, latent_side)}
-    fmt = choose_format("synthesize", params.precision, device,
-                        synthesis_probe(vqgan, teacher, targets[:params.synthesize.batch_size], **optimise),
+    probe = synthesis_probe(vqgan, teacher, targets[:params.synthesize.batch_size], **optimise)
+    fmt = choose_format("synthesize", params.precision, device, probe,
                         {"synthesize": vars(params.synthesize), "image_size": params.world.image_size,
                          "teacher": teacher.spec, "vqgan": asdict(vqgan.cfg)})
     if dist.main:
         print(fmt.describe("synthesize"))
+    flops = step_flops(probe, fmt)  # one step of a full batch (and its final decode)
     vqgan, teacher = fmt.apply(vqgan), fmt.apply(teacher)
 
     out = Path(args.out)
@@ -101,6 +104,7 @@ def main():
     bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in todo), desc="synthesize", unit="img",
                disable=None if dist.main else True)
     labels = torch.tensor(table["label"].to_numpy(), device=device)
+    start = time.perf_counter()
     for i in todo:
         shard = synthesize_shard(vqgan, teacher, targets, class_vectors, labels, *ranges[i],
                                  seed=params.seed, batch_size=params.synthesize.batch_size, progress=bar,
@@ -108,6 +112,10 @@ def main():
         save_shard(work / shard_name(i), shard.pop("images"), [f"{pid:09d}" for pid in shard["prompt_ids"].tolist()],
                    labels=labels[shard["prompt_ids"]].cpu(), **shard)
     bar.close()
+    batch_steps = sum(math.ceil((ranges[i][1] - ranges[i][0]) / params.synthesize.batch_size) for i in todo)
+    if todo:
+        print(loop_rate(f"synthesize{f' rank {dist.rank}' if dist.processes > 1 else ''}", flops, batch_steps * params.synthesize.steps,
+                        time.perf_counter() - start))
     dist.barrier()  # every rank's shards are on disk
     if not dist.main:
         dist.close()

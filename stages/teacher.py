@@ -12,12 +12,13 @@ from pathlib import Path
 # This checkout's package first: an editable install of another clone must not run in its place.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import time
 from dataclasses import asdict
 
 from clipdistill.clip_models import CLIP_FILE, embedded_clip_from_params, load_open_clip, save_clip
 from clipdistill.clip_training import clip_lr_factor, clip_probe, train_clip
 from clipdistill.data import load_captioned_split
-from clipdistill.formats import choose_format
+from clipdistill.formats import choose_format, loop_rate, step_flops
 from clipdistill.image_sets import fit_in_memory
 from clipdistill.live import LIVE_DIR, scheduled_lrs, write_curves
 from clipdistill.params import load_params
@@ -44,10 +45,12 @@ def main():
         model = embedded_clip_from_params(section, image_size)
         images, captions, _ = load_captioned_split(world_train, model.prep)
         images = fit_in_memory(images, params.data.memory_budget_mb, params.data.workers, args.section)
-        fmt = choose_format(args.section, params.precision, device,
-                            clip_probe(model, images, captions, section.batch_size, device),
+        probe = clip_probe(model, images, captions, section.batch_size, device)
+        fmt = choose_format(args.section, params.precision, device, probe,
                             {args.section: asdict(section), "image_size": image_size})
         print(fmt.describe(args.section))
+        flops = step_flops(probe, fmt)
+        start = time.perf_counter()
         checkpoints = Checkpoints.for_stage(
             args.out, {args.section: asdict(section), "seed": params.seed, "threads": params.threads,
                        "device": params.device, "image_size": image_size, "format": fmt.name}, [world_train],
@@ -56,6 +59,7 @@ def main():
                             lr=section.lr, weight_decay=section.weight_decay, generator=generator, device=device,
                             checkpoints=checkpoints, desc=args.section, workers=params.data.workers,
                             amp_dtype=fmt.amp_dtype)
+        print(loop_rate(args.section, flops, len(losses), time.perf_counter() - start))
         summary.update(final_loss=sum(losses[-20:]) / len(losses[-20:]), steps=len(losses),
                        logit_scale=model.logit_scale, format=fmt.name)
         curves = {"loss": losses, "lr": scheduled_lrs(section.lr, clip_lr_factor(len(losses)), len(losses))}

@@ -30,7 +30,7 @@ def figure(line: str, label: str) -> float:
 
 def test_synthesis_benchmark_reports_batched_over_loop_rate():
     lines = run_script("synthesis.py", "--batch", "2", "--steps", "1", "--cutn", "1")
-    rows = {ln.split()[0]: ln.split() for ln in lines if ln.split()[0] in ("batched", "loop")}
+    rows = {ln.split()[0]: ln.split() for ln in lines if ln.split()[0] in ("batched", "loop") and ln.split()[1].isdigit()}
     # mode, calls, images/call, seconds, images*steps/s, GFLOP/s
     assert rows["batched"][1:3] == ["1", "2"] and rows["loop"][1:3] == ["2", "1"]
     ratio = float(rows["batched"][4]) / float(rows["loop"][4])
@@ -38,11 +38,20 @@ def test_synthesis_benchmark_reports_batched_over_loop_rate():
     assert mflop > 0
     for row in rows.values():  # the achieved rate is the image rate times the work per image-step
         assert float(row[5]) == pytest.approx(float(row[4]) * mflop / 1e3, rel=0.02, abs=0.06)
-    # The ceiling: the machine's dense-matmul rate over the loop's achieved rate.
-    ceiling = re.fullmatch(r"dense fp32 matmul peak (\d+\.\d) GFLOP/s: batched at that rate would be (\d+\.\d)x "
-                           r"the loop \(the most batching can give here\)", lines[-2])
-    assert ceiling, lines[-2]
-    assert float(ceiling.group(2)) == pytest.approx(float(ceiling.group(1)) / float(rows["loop"][5]), rel=0.05, abs=0.06)
+    # The format the stage would choose here, then the ceiling in that precision: the machine's
+    # dense-matmul rate over the loop's achieved rate, and the batched step's share of it.
+    chosen = re.match(r"format: (fp32|bf16) (NCHW|channels-last) \(", next(ln for ln in lines if ln.startswith("format:")))
+    assert chosen
+    precision = chosen.group(1)
+    ceiling = re.fullmatch(rf"dense {precision} matmul peak (\d+\.\d) GFLOP/s: batched at that rate would be "
+                           r"(\d+\.\d)x the loop \(the most batching can give here\)", lines[-3])
+    assert ceiling, lines[-3]
+    peak = float(ceiling.group(1))
+    assert float(ceiling.group(2)) == pytest.approx(peak / float(rows["loop"][5]), rel=0.05, abs=0.06)
+    share = re.fullmatch(rf"batched step: (\d+\.\d) GFLOP/s, (\d+) % of the dense {precision} matmul rate", lines[-2])
+    assert share, lines[-2]
+    assert float(share.group(1)) == pytest.approx(float(rows["batched"][5]), abs=0.06)
+    assert int(share.group(2)) == pytest.approx(100 * float(share.group(1)) / peak, abs=1)
     assert figure(lines[-1], "batched/loop speedup") == pytest.approx(ratio, abs=0.06)
 
 

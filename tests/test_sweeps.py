@@ -3,6 +3,7 @@ import re
 import shutil
 import sys
 
+import pytest
 import yaml
 
 from project import run
@@ -16,6 +17,13 @@ def test_stage_times_prints_a_row_per_stage_that_ran_and_the_total(tiny_project,
     assert out[0].startswith("machine: ") and "family" in out[0]  # the CPU model is named
     rows = [line for line in out if re.fullmatch(r"\| \w+ \| \d+ \|", line)]
     assert [r.split()[1] for r in rows] == ["distill", "evaluate"]  # only what ran, in order
+    # the distill loop(s) the stage logged: chosen format and achieved rate (tiny params: base-to-novel too)
+    loops = [line.split(" | ") for line in out if line.startswith("| distill | distill (")]
+    assert len(loops) == 2 and all(re.fullmatch(r"(fp32|bf16) (NCHW|channels-last)", r[2]) for r in loops)
+    for _, _, _, steps, gflop, seconds, rate in loops:
+        assert int(steps) > 0 and float(gflop) > 0
+        # rate x seconds = the loop's GFLOP, up to the printed digits
+        assert float(rate.rstrip(" |")) * float(seconds) == pytest.approx(int(steps) * float(gflop), rel=0.1, abs=0.1)
     assert re.fullmatch(r"dvc repro: \d+ min \d\d s, peak memory \d+\.\d\d GB", out[-1])
     assert float(out[-1].split()[-2]) > 0.1  # the stages' own memory was sampled, not only dvc's
 

@@ -126,6 +126,40 @@ def test_training_lowers_loss_and_raises_psnr():
     assert reconstruction_psnr(model, imgs.float() / 255) == pytest.approx(reconstruction_psnr(model, imgs))
 
 
+def test_cosine_schedule_warms_up_then_decays_to_zero_and_constant_keeps_the_rate(monkeypatch):
+    from clipdistill import vqgan
+    from clipdistill.params import GeneratorParams
+    rates = []
+    real_step = torch.optim.Adam.step
+
+    def record(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.Adam, "step", record)
+    train_vqgan(tiny_model(), coloured_squares(8), steps=100, batch_size=4, lr=1e-3, seed=0, progress=False,
+                schedule="cosine")
+    assert rates[0] == pytest.approx(0.5e-3) and rates[1] == pytest.approx(1e-3)  # 2 steps of warm-up
+    assert max(rates) == pytest.approx(1e-3) and rates[-1] < 1e-5
+    assert all(a >= b for a, b in zip(rates[2:], rates[3:]))  # then only down
+    section = GeneratorParams(**{f: None for f in GeneratorParams.__dataclass_fields__} |
+                              {"schedule": "cosine", "steps": 100, "lr": 1e-3})
+    assert vqgan.generator_lrs(section) == pytest.approx(rates)  # what the stage writes to live/
+    rates.clear()
+    train_vqgan(tiny_model(), coloured_squares(8), steps=5, batch_size=4, lr=1e-3, seed=0, progress=False)
+    assert rates == [1e-3] * 5
+    with pytest.raises(ValueError, match="schedule"):
+        train_vqgan(tiny_model(), coloured_squares(8), steps=1, batch_size=4, lr=1e-3, seed=0, schedule="linear")
+
+
+def test_bf16_autocast_training_keeps_fp32_weights_and_still_learns():
+    imgs = coloured_squares()
+    model = tiny_model()
+    before = reconstruction_psnr(model, imgs)
+    train_vqgan(model, imgs, steps=40, batch_size=16, lr=2e-3, seed=0, progress=False, amp_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert reconstruction_psnr(model, imgs) > before + 3.0
+
+
 def test_training_rejects_gumbel_models():
     with pytest.raises(ValueError, match="gumbel"):
         train_vqgan(tiny_model(tiny_cfg(quantizer="gumbel")), coloured_squares(4), steps=1, batch_size=2, lr=1e-3,

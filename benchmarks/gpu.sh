@@ -124,7 +124,7 @@ for precision in fp32 bf16; do
     figure="$(grep -E '^batched/loop speedup: ' "$log" | tail -n 1 || true)"
     if [ "$status" = 0 ] && [ -n "$figure" ]; then
         # rows: mode calls images/call seconds images*steps/s GFLOP/s [peak GiB]
-        batched="$(awk '$1 == "batched" {print $5}' "$log")"
+        batched="$(awk '$1 == "batched" && $2 ~ /^[0-9]+$/ {print $5}' "$log")"
         loop="$(awk '$1 == "loop" {print $5}' "$log")"
         sizes="$(grep -E '^[0-9]+ images of ' "$log" | sed 's/ (latents [^)]*)//; s/ per image per step, on .*//' || true)"
         echo "synthesis $precision: $figure (batched $batched vs loop $loop images*steps/s; $sizes)"

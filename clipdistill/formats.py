@@ -27,12 +27,13 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .runtime import autocast, write_json
+from .runtime import Dist, autocast, write_json
 
 CACHE_ENV = "CLIPDISTILL_FORMAT_CACHE"  # the probe cache file; default ~/.cache/clipdistill/formats.json
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 arithmetic
 MARGIN = 1.1  # a format other than fp32 NCHW must be this many times faster to be chosen
 PROBE_STEPS = 3  # timed steps per candidate, after one warm-up step; the fastest counts
+LONG_STEP_S = 1.0  # a warm-up step longer than this: one timed step per candidate
 
 
 @dataclass(frozen=True)
@@ -80,14 +81,27 @@ def cache_path() -> Path:
 Probe = Callable[[Format], Callable[[], None]]
 
 
-def choose_format(loop: str, precision: str, device: torch.device, probe: Probe, signature: dict) -> Format:
+def choose_format(loop: str, precision: str, device: torch.device, probe: Probe, signature: dict,
+                  dist: Dist = Dist()) -> Format:
     """The format `loop` runs in under `precision` (auto | fp32 | bf16) on `device`.
 
     `probe(fmt)` prepares one representative step of the loop in `fmt` and returns it as a
     callable that changes nothing the loop uses: deep copies of the modules, no optimiser step
     (see `step_probe`). `signature` holds what the step's speed depends on (model widths, batch
-    size, image side), for the cache key.
+    size, image side), for the cache key. Under torchrun rank 0 probes alone while the other
+    ranks wait, then they read its answer from the cache: every rank runs the same format, and
+    no probe is timed while another rank computes.
     """
+    if dist.processes > 1 and not dist.main:
+        dist.barrier()
+    try:
+        return _choose(loop, precision, device, probe, signature)
+    finally:
+        if dist.processes > 1 and dist.main:
+            dist.barrier()
+
+
+def _choose(loop: str, precision: str, device: torch.device, probe: Probe, signature: dict) -> Format:
     if precision == "fp32":
         return Format(None, device.type == "cuda", "precision: fp32")
     if precision == "bf16":
@@ -149,12 +163,17 @@ def loop_rate(loop: str, flops_per_step: float, steps: int, seconds: float) -> s
 def _time_all(probe: Probe) -> dict[str, float]:
     """Fastest of PROBE_STEPS timed steps per candidate, after a warm-up step of each (oneDNN builds
     its kernels on the first call). The candidates take turns, so none is timed while the machine
-    is still warming up or under a passing load that the others do not see."""
+    is still warming up or under a passing load that the others do not see. A step slower than
+    `LONG_STEP_S` (a real-size model on a CPU) is timed once per candidate: it is long enough to
+    measure, and the probe stays a small part of the stage."""
     runs = {fmt.name: probe(fmt) for fmt in CANDIDATES}
-    for run in runs.values():
+    warm = {}
+    for name, run in runs.items():
+        start = time.perf_counter()
         run()
+        warm[name] = time.perf_counter() - start
     best = dict.fromkeys(runs, float("inf"))
-    for _ in range(PROBE_STEPS):
+    for _ in range(PROBE_STEPS if max(warm.values()) < LONG_STEP_S else 1):
         for name, run in runs.items():
             start = time.perf_counter()
             run()

@@ -74,7 +74,7 @@ def split_holdout(images: ImageSet, n: int) -> tuple[ImageSet, ImageSet | None]:
     return images.subset((~out).nonzero().squeeze(1)), images.subset(out.nonzero().squeeze(1))
 
 
-def student_format(params, student, teacher, vectors, images: ImageSet, device):
+def student_format(params, student, teacher, vectors, images: ImageSet, device, dist: Dist):
     """The precision and memory format the distillation loop runs in (clipdistill/formats.py), probed on
     one batch: the teacher's logits and the student's forward and backward pass."""
     n = min(params.distill.batch_size, len(images))
@@ -87,8 +87,9 @@ def student_format(params, student, teacher, vectors, images: ImageSet, device):
     probe = step_probe({"student": student, "teacher": teacher}, step, device)
     fmt = choose_format("distill", params.precision, device, probe,
                         {"distill": asdict(params.distill), "image_size": params.world.image_size,
-                         "teacher": teacher.spec})
-    print(fmt.describe("distill"))
+                         "teacher": teacher.spec}, dist)
+    if dist.main:
+        print(fmt.describe("distill"))
     return fmt, step_flops(probe, fmt)
 
 
@@ -102,7 +103,7 @@ def train_student(params, classes, vectors, images, teacher, small_clip, generat
                                          logit_scale=teacher.logit_scale, classes=classes, clip=small_clip,
                                          generator=generator)
     student.to(device)
-    fmt, flops = student_format(params, student, teacher, vectors, images, device)
+    fmt, flops = student_format(params, student, teacher, vectors, images, device, dist)
     fmt.apply(student)
     checkpoints = checkpoints.sub(fmt.name.replace(" ", "_"))
     student_step = None

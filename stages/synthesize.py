@@ -15,6 +15,7 @@ from pathlib import Path
 
 # This checkout's package first: an editable install of another clone must not run in its place.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import math
 import time
 from dataclasses import asdict
@@ -81,7 +82,7 @@ def main():
     probe = synthesis_probe(vqgan, teacher, targets[:params.synthesize.batch_size], **optimise)
     fmt = choose_format("synthesize", params.precision, device, probe,
                         {"synthesize": vars(params.synthesize), "image_size": params.world.image_size,
-                         "teacher": teacher.spec, "vqgan": asdict(vqgan.cfg)})
+                         "teacher": teacher.spec, "vqgan": asdict(vqgan.cfg)}, dist)
     if dist.main:
         print(fmt.describe("synthesize"))
     flops = step_flops(probe, fmt)  # one step of a full batch (and its final decode)
@@ -114,8 +115,8 @@ def main():
     bar.close()
     batch_steps = sum(math.ceil((ranges[i][1] - ranges[i][0]) / params.synthesize.batch_size) for i in todo)
     if todo:
-        print(loop_rate(f"synthesize{f' rank {dist.rank}' if dist.processes > 1 else ''}", flops, batch_steps * params.synthesize.steps,
-                        time.perf_counter() - start))
+        loop = f"synthesize rank {dist.rank}" if dist.processes > 1 else "synthesize"
+        print(loop_rate(loop, flops, batch_steps * params.synthesize.steps, time.perf_counter() - start))
     dist.barrier()  # every rank's shards are on disk
     if not dist.main:
         dist.close()

@@ -50,11 +50,11 @@ def main():
                             {args.section: asdict(section), "image_size": image_size})
         print(fmt.describe(args.section))
         flops = step_flops(probe, fmt)
-        start = time.perf_counter()
         checkpoints = Checkpoints.for_stage(
             args.out, {args.section: asdict(section), "seed": params.seed, "threads": params.threads,
                        "device": params.device, "image_size": image_size, "format": fmt.name}, [world_train],
             section.checkpoint_every)
+        start = time.perf_counter()
         losses = train_clip(fmt.apply(model), images, captions, epochs=section.epochs, batch_size=section.batch_size,
                             lr=section.lr, weight_decay=section.weight_decay, generator=generator, device=device,
                             checkpoints=checkpoints, desc=args.section, workers=params.data.workers,

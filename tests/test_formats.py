@@ -105,3 +105,24 @@ def test_a_real_probe_picks_one_of_the_candidates(cache, native_bf16, gen):
     fmt = choose_format("conv", "auto", CPU, step_probe({"conv": conv}, lambda conv: conv(x), CPU), {})
     assert fmt.name in {c.name for c in CANDIDATES}
     assert set(next(iter(json.loads(cache.read_text()).values()))["seconds"]) == {c.name for c in CANDIDATES}
+
+
+class FakeRanks:
+    """A Dist stand-in that records when its barrier is called relative to the probe."""
+
+    def __init__(self, rank: int, events: list):
+        self.processes, self.rank, self.main, self.events = 2, rank, rank == 0, events
+
+    def barrier(self):
+        self.events.append(f"barrier {self.rank}")
+
+
+def test_under_torchrun_rank_0_probes_and_the_others_read_its_answer_after_the_barrier(cache, native_bf16,
+                                                                                       monkeypatch):
+    events = []
+    seconds = {"fp32 NCHW": 1.0, "fp32 channels-last": 0.5, "bf16 NCHW": 1.0, "bf16 channels-last": 1.0}
+    monkeypatch.setattr(formats, "_time_all", lambda probe: events.append("probe") or dict(seconds))
+    first = choose_format("loop", "auto", CPU, lambda f: None, {}, FakeRanks(0, events))
+    other = choose_format("loop", "auto", CPU, never, {}, FakeRanks(1, events))
+    assert events == ["probe", "barrier 0", "barrier 1"]  # rank 1 passes its barrier only once rank 0 has cached
+    assert first.name == other.name == "fp32 channels-last"

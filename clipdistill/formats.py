@@ -1,7 +1,7 @@
 """Which precision and memory format each training loop runs in: the fastest the device has.
 
 `precision: auto` means bf16 autocast and channels-last on CUDA. On a CPU it depends on the processor.
-Where the CPU has native bf16 (AVX512-BF16 or AMX), bf16 can be 1.6x faster or 1.3x slower for the
+Where the CPU has native bf16 (AVX512-BF16 or AMX), bf16 can be 1.6x faster or 1.4x slower for the
 same loop. The choice is also loop by loop: on a 2-core AMD EPYC, bf16 speeds up VQGAN training and
 slows down synthesis (docs/results.md, "Precision per loop"). So `choose_format` times a few steps
 of the loop itself in every candidate format and keeps the fastest. A candidate must beat fp32 NCHW

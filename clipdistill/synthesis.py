@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .formats import Format
+from .formats import Format, Probe
 from .runtime import autocast
 
 
@@ -160,7 +160,7 @@ def synthesize_batch(vqgan, teacher, targets: torch.Tensor, *, steps: int, lr: f
         return decode_latents(vqgan, z).detach().float()
 
 
-def synthesis_probe(vqgan, teacher, targets: torch.Tensor, **optimise) -> Callable[[Format], Callable[[], None]]:
+def synthesis_probe(vqgan, teacher, targets: torch.Tensor, **optimise) -> Probe:
     """`formats` probe: one `synthesize_batch` step on `targets`, with copies of both models in the
     format's memory format. `optimise`: synthesize_batch's keywords but steps, generators and amp_dtype."""
     def prepare(fmt: Format) -> Callable[[], None]:

@@ -40,6 +40,8 @@ class WorldParams:
     train_styles: list[str]
     train_per_class_style: int
     test_per_class_domain: int
+    val_styles: list[str]
+    val_per_class_style: int
 
 
 @dataclass(frozen=True)
@@ -253,8 +255,26 @@ def _names(module: str, table: str) -> tuple[str, ...]:
     return tuple(getattr(importlib.import_module(module), table))
 
 
+def _check_val_styles(params) -> None:
+    """world.val_styles: the validation split that choices are made on, never the evaluated domains."""
+    val = params.world.val_styles
+    if val and params.world.source == "folder":
+        raise ParamsError("params key 'world.val_styles' renders a validation split of the embedded world; "
+                          "set it to [] with world.source folder")
+    clash = [s for s in val if s in params.world.eval_domains]
+    if clash:
+        raise ParamsError(f"params key 'world.val_styles' has {clash[0]!r}, an evaluated domain: validation "
+                          f"must not be scored on the domains it is tested on")
+    untrained = [s for s in val if s not in params.world.train_styles]
+    if untrained:
+        raise ParamsError(f"params key 'world.val_styles' has {untrained[0]!r}, which is not in world.train_styles: "
+                          f"validate on styles the teacher was trained on")
+    if len(set(val)) != len(val):
+        raise ParamsError("params key 'world.val_styles' lists a style twice")
+
+
 POSITIVE = {
-    "world.image_size", "world.train_per_class_style", "world.test_per_class_domain",
+    "world.image_size", "world.train_per_class_style", "world.test_per_class_domain", "world.val_per_class_style",
     "generator.steps", "generator.batch_size", "generator.n_embed", "generator.embed_dim",
     "prompts.per_class", "prompts.mix.k", "prompts.mix.dirichlet_alpha", "prompts.random.scale",
     "prompts.contrastive.steps", "prompts.contrastive.lr", "prompts.contrastive.temperature",
@@ -278,7 +298,7 @@ NON_NEGATIVE = {"teacher.checkpoint_every", "student_clip.checkpoint_every", "ge
 NON_EMPTY = {"world.classes", "world.eval_domains", "world.train_styles", "text_features.templates",
              "generator.ch_mult"}
 # Keys whose entries become folder names (<root>/<domain>/<class>/, artifacts/world/<split>/<style>/<class>/).
-FOLDER_NAMES = ("world.classes", "world.eval_domains", "world.train_styles")
+FOLDER_NAMES = ("world.classes", "world.eval_domains", "world.train_styles", "world.val_styles")
 _GROUPNORM_GROUPS = 32  # taming's blocks normalise with GroupNorm(32): every VQGAN width is a multiple of it
 _CONV_TOWER_POOLS = 4   # the embedded ConvImageTower halves the image 4 times
 
@@ -368,6 +388,7 @@ def _check_values(params: Params) -> None:
     else:
         _check_embedded_world(params)
     _check_architectures(params)
+    _check_val_styles(params)
     missing = [d for d in params.world.eval_domains if d not in params.world.train_styles]
     if params.world.source == "embedded" and params.teacher.source == "embedded" and missing:
         raise ParamsError(f"params key 'world.train_styles' lacks evaluated domain(s) {', '.join(missing)}")

@@ -476,17 +476,59 @@ _TEMPLATES: dict[str, tuple[str, ...]] = {
               "a chalkboard drawing of a {c}", "a chalk {c} on a blackboard"),
 }
 assert tuple(_TEMPLATES) == STYLES
+
+# The style vocabulary: the words web captions use for each rendered look. A real CLIP knows
+# "watercolor" and "charcoal drawing" because captions said them next to such images; the embedded
+# teacher learns them the same way. Together the lists cover Mix-Prompt's 86-style dictionary
+# (clipdistill/assets/styles.txt; tested), each word under the look it most resembles at 32 px, so
+# no dictionary token keeps its random initial embedding. A word never names another look.
+VOCABULARY: dict[str, tuple[str, ...]] = {
+    "photo": ("photograph", "black and white photo", "sepia", "infrared photo", "long exposure", "polaroid",
+              "realism", "hyperrealism", "3d render", "marble sculpture", "bronze statue", "wood carving",
+              "clay sculpture", "ceramic", "steampunk"),
+    "painting": ("watercolor", "oil painting", "acrylic painting", "gouache", "fresco", "airbrush", "impressionism",
+                 "post-impressionism", "expressionism", "cubism", "surrealism", "fauvism", "pointillism",
+                 "baroque", "rococo", "renaissance", "romanticism", "abstract", "art nouveau", "gothic",
+                 "dadaism", "batik", "tapestry"),
+    "cartoon": ("cartoon", "anime", "comic book", "pop art", "vector art", "sticker", "children's drawing",
+                "low poly", "minimalism", "bauhaus", "art deco", "origami"),
+    "sketch": ("pencil sketch", "charcoal drawing", "ink drawing", "line art", "doodle", "sumi-e", "ukiyo-e",
+               "woodcut", "linocut", "engraving", "etching", "lithograph", "blueprint"),
+    "neon": ("neon", "cyberpunk", "holographic", "glitch art", "vaporwave", "psychedelic"),
+    "silhouette": ("silhouette", "papercut", "screen print", "tattoo"),
+    "mosaic": ("mosaic", "stained glass", "pixel art", "cross-stitch", "embroidery", "quilt", "knitted", "collage"),
+    "chalk": ("chalk drawing", "pastel drawing", "crayon drawing", "graffiti", "spray paint"),
+}
+assert tuple(VOCABULARY) == STYLES
+# How a vocabulary word goes into a caption ({w}: the word). One of them is Mix-Prompt's own
+# template ("a {style} style of a {class}"), as web text says "in the style of".
+_WORD_TEMPLATES = ("a {w} of a {c}", "a {c} in {w} style", "{w} {c}", "a {c}, {w}", "a {w} style of a {c}",
+                   "{c} in the style of {w}", "a {a} {c}, {w}")
+# Web captions often name no style at all.
+_PLAIN_TEMPLATES = ("a {c}", "a {a} {c}", "the {c}", "an image of a {c}", "{c}", "a {c} shape", "a {a} {c} icon")
+# Shares of style-free captions and of the look's own name (the rest use a vocabulary word). The
+# look's name stays the commonest single word, so the evaluated prompts ("a photo of a {}") match.
+PLAIN_SHARE = 0.15
+NAME_SHARE = 0.40
 # Deliberately not colour words: caption() does not see the image, so a colour could contradict it.
 _ADJECTIVES = ("small", "large", "big", "simple", "single", "little")
 _SUFFIXES = ("", "", "", "", " #art", ", high quality", " - free download", " (hd)")
 
 
 def caption(cls: str, style: str, rng: np.random.Generator) -> str:
-    """A lower-case web-like caption containing `cls` verbatim and the style's name, e.g.
-    'a pencil sketch of a cross'. Raises ValueError naming an unknown class or style."""
+    """A lower-case web-like caption containing `cls` verbatim, e.g. 'a pencil sketch of a cross',
+    'a cross in watercolor style' or 'a simple cross': PLAIN_SHARE name no style, NAME_SHARE the
+    look's own name, the rest a word of its VOCABULARY. Raises ValueError naming an unknown class or style."""
     _check(cls, style)
-    templates = _TEMPLATES[style]
-    text = templates[int(rng.integers(len(templates)))]
+    u = rng.random()
+    if u < PLAIN_SHARE:
+        text = _PLAIN_TEMPLATES[int(rng.integers(len(_PLAIN_TEMPLATES)))]
+    elif u < PLAIN_SHARE + NAME_SHARE:
+        text = _TEMPLATES[style][int(rng.integers(len(_TEMPLATES[style])))]
+    else:
+        words = VOCABULARY[style]
+        word = words[int(rng.integers(len(words)))]
+        text = _WORD_TEMPLATES[int(rng.integers(len(_WORD_TEMPLATES)))].replace("{w}", word)
     text = text.format(c=cls, a=_ADJECTIVES[int(rng.integers(len(_ADJECTIVES)))])
     return text + _SUFFIXES[int(rng.integers(len(_SUFFIXES)))]
 

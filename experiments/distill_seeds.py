@@ -69,7 +69,9 @@ def one(name: str, overrides: dict, seed: int, base: dict) -> dict:
         print(f"== {name} seed {seed}", flush=True)
         run([sys.executable, "stages/distill.py", "--synth", str(ART / "synth"), *common, "--out", str(out / "student")])
         run([sys.executable, "stages/evaluate.py", *common, "--student", str(out / "student"), "--out", str(out / "eval")])
-    return json.loads(metrics.read_text())["student"]
+    metrics = json.loads(metrics.read_text())
+    # The validation split (world.val_styles) is what a choice between runs is made on.
+    return {**metrics["student"], **({"val": metrics["val"]["student"]["mean"]} if "val" in metrics else {})}
 
 
 def main():
@@ -88,16 +90,17 @@ def main():
         overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in rest.split(",") if item)}
         per_seed = [one(name, overrides, seed, base) for seed in seeds]
         rows.append((name, per_seed))
-    domains = [d for d in rows[0][1][0] if d != "mean"] + ["mean"]
+    domains = [d for d in rows[0][1][0] if d not in ("mean", "val")] + ["mean"]
+    shown = domains + (["val"] if all("val" in m for _, per_seed in rows for m in per_seed) else [])
     print(f"\nstudent accuracy, mean ± spread (max - min) / 2 over seeds {args.seeds}\n")
-    print("| run | " + " | ".join(domains) + " | worst domain |")
-    print("|---|" + "---|" * (len(domains) + 1))
+    print("| run | " + " | ".join(shown) + " | worst domain |")
+    print("|---|" + "---|" * (len(shown) + 1))
     for name, per_seed in rows:
         cells = []
-        for d in domains:
+        for d in shown:
             values = [m[d] for m in per_seed]
             cells.append(f"{statistics.mean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}")
-        worst = [min(m[d] for d in domains if d != "mean") for m in per_seed]
+        worst = [min(m[d] for d in domains[:-1]) for m in per_seed]
         cells.append(f"{statistics.mean(worst):.3f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
 

@@ -3,7 +3,8 @@
 Writes <out>/metrics.json ({"teacher": {domain: acc, "mean": acc}, "student": {...},
 "student_zero_shot": the smaller CLIP before prompt learning (prompt students only),
 "base_to_novel": {"base", "novel", "hm"} of the student trained on the first half of the classes,
-plus one entry per extra dataset in eval.datasets}), accuracy.csv and confusion.csv (plots), and
+"val": the same on the world's validation split (world.val_styles), plus one entry per extra
+dataset in eval.datasets}), accuracy.csv and confusion.csv (plots), and
 speed.json (parameters, GFLOPs per image and images/s at batch 64: machine-dependent, so kept out
 of the metrics that must be reproducible).
 """
@@ -59,6 +60,8 @@ def main():
     zero_shot_logits = with_autocast(lambda x: small_clip.logits(x, small_vectors), device, amp)
 
     datasets = {"world": (world_test_root(params, args.world), params.world.eval_domains)}
+    if params.world.source == "embedded" and params.world.val_styles:
+        datasets["val"] = (Path(args.world) / "val", list(params.world.val_styles))
     datasets.update({dataset.name: (Path(dataset.path), None) for dataset in params.eval.datasets})
     metrics, rows, confusion = {}, [], None
     prep, workers, batch_size = decoding(teacher, params.world.image_size), params.data.workers, params.eval.batch_size
@@ -100,6 +103,9 @@ def main():
         confusion.to_csv(tmp / "confusion.csv", index=False)
         write_json(tmp / "speed.json", speed)
     print(f"evaluate: teacher {metrics['teacher']}\n          student {metrics['student']}")
+    if "val" in metrics:
+        print(f"          validation (world.val_styles): teacher {metrics['val']['teacher']['mean']}, "
+              f"student {metrics['val']['student']['mean']}")
     if "base_to_novel" in metrics:
         print(f"          base-to-novel {metrics['base_to_novel']}")
 

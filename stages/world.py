@@ -2,7 +2,9 @@
 
 world.source embedded renders the procedural domain-shift world as image folders:
 <out>/train/<style>/<class>/*.png with captions.csv (the teacher's training split, more styles than
-are evaluated) and <out>/test/<domain>/<class>/*.png (disjoint renders).
+are evaluated), <out>/test/<domain>/<class>/*.png (disjoint renders) and, with world.val_styles,
+<out>/val/<style>/<class>/*.png: disjoint renders of training styles that are never evaluated, the
+split every default is chosen on.
 world.source folder checks a PACS-style dataset at world.root (<root>/<domain>/<class>/*: every
 evaluated domain present, every class folder named in world.classes, every image readable) and
 writes <out>/manifest.csv (domain, class, path, bytes); later stages read the images in place.
@@ -51,7 +53,9 @@ def main():
                                params.world.image_size, params.seed, with_captions=True)
         n_test = render_split(tmp, "test", params.world.classes, params.world.eval_domains, params.world.test_per_class_domain,
                               params.world.image_size, params.seed, with_captions=False)
-    print(f"world: {n_train} train and {n_test} test images at {params.world.image_size} px")
+        n_val = render_split(tmp, "val", params.world.classes, params.world.val_styles, params.world.val_per_class_style,
+                             params.world.image_size, params.seed, with_captions=False) if params.world.val_styles else 0
+    print(f"world: {n_train} train, {n_test} test and {n_val} validation images at {params.world.image_size} px")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,12 @@ def test_allowed_values_come_from_the_registries():
     (lambda r: r["world"].update(image_size=30), "world.image_size"),  # ch_mult [1, 1, 2]: factor 4
     (lambda r: r["distill"].update(batch_size=701), "distill.batch_size"),  # 100 prompts x 7 classes
     (lambda r: r["distill"].update(batch_size=301), "distill.batch_size"),  # base-to-novel: 3 base classes
-    (lambda r: r["teacher"].update(batch_size=4000), "teacher.batch_size"),  # 7 styles x 80 x 7 = 3920
+    (lambda r: r["world"].update(val_styles=["photo"]), "world.val_styles"),  # an evaluated domain
+    (lambda r: r["world"].update(val_styles=["chalk", "silhouette"], train_styles=["photo", "painting", "cartoon",
+                                                                                  "sketch", "chalk"]), "world.val_styles"),
+    (lambda r: r["world"].update(val_styles=["neon", "neon"]), "world.val_styles"),
+    (lambda r: r["world"].update(val_per_class_style=0), "world.val_per_class_style"),
+    (lambda r: r["teacher"].update(batch_size=5000), "teacher.batch_size"),  # 8 styles x 80 x 7 = 4480
     (lambda r: r["teacher"].update(text_heads=3), "teacher.text_width"),
     (lambda r: r["generator"].update(ch=16), "generator.ch"),
 ])

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipdistill.world import CLASSES, EVAL_DOMAINS, STYLES, TRAIN_ONLY_STYLES, caption, render, render_split
+from clipdistill.world import (CLASSES, EVAL_DOMAINS, PLAIN_SHARE, STYLES, TRAIN_ONLY_STYLES, VOCABULARY, caption, render,
+                               render_split)
 
 
 def _renders(cls: str, style: str, count: int, seed: int = 0, size: int = 32) -> np.ndarray:
@@ -137,17 +138,47 @@ def test_mean_cartoon_images_differ_between_classes():
         assert np.abs(means[a] - means[b]).mean() > 1.0, (a, b)
 
 
+def _word(word: str, text: str) -> bool:
+    """`word` as a whole word or phrase of `text` ("realism" is not in "surrealism")."""
+    return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text) is not None
+
+
+def _names(text: str, look: str) -> bool:
+    """Whether `text` names `look`: its name (as a word prefix: "photo" in "photograph") or a vocabulary word."""
+    return re.search(rf"(?<![\w-]){look}", text) is not None or any(_word(w, text) for w in VOCABULARY[look])
+
+
 def test_captions_name_class_and_style():
+    """Every caption names its class; a styled one names only its own look, by name or by a word
+    of its vocabulary; about PLAIN_SHARE name no style, as web captions do."""
     rng = np.random.default_rng(0)
     for cls, style in itertools.product(CLASSES, STYLES):
-        texts = {caption(cls, style, rng) for _ in range(40)}
-        assert len(texts) >= 3, f"too few phrasings for {style}: {texts}"
+        texts = [caption(cls, style, rng) for _ in range(400)]
+        assert len(set(texts)) >= 20, f"too few phrasings for {style}"
+        plain = 0
         for t in texts:
-            assert cls in t and style in t, t
-            others = [s for s in STYLES if s != style and s in t]
+            assert cls in t, t
+            own = _names(t, style)
+            others = [s for s in STYLES if s != style and _names(t, s)]
             assert not others, f"{t!r} also names {others}"
+            plain += not own
+        assert abs(plain / len(texts) - PLAIN_SHARE) < 0.06, (style, plain)
+        used = {w for w in VOCABULARY[style] if any(_word(w, t) for t in texts)}
+        assert len(used) >= len(VOCABULARY[style]) // 2, (style, used)
     a = [caption("star", "sketch", np.random.default_rng(5)) for _ in range(3)]
     assert a == [caption("star", "sketch", np.random.default_rng(5)) for _ in range(3)]
+
+
+def test_vocabulary_covers_the_mix_prompt_dictionary():
+    """Every style of Mix-Prompt's dictionary is a caption word of exactly one rendered look, and no
+    word contains another look's name: the teacher learns each dictionary token from images."""
+    from clipdistill.prompts import load_styles
+    words = [w for ws in VOCABULARY.values() for w in ws]
+    assert len(words) == len(set(words))
+    assert set(load_styles("")) <= set(words)
+    for look, ws in VOCABULARY.items():
+        for w in ws:
+            assert not [s for s in STYLES if s != look and _names(w, s)], (look, w)
 
 
 def test_unknown_names_raise_value_error(tmp_path):
@@ -183,7 +214,7 @@ def test_render_split_layout_and_captions(tmp_path):
     assert sorted(r[0] for r in rows[1:]) == expected
     for path, cls, style, text in rows[1:]:
         assert path.split("/")[:2] == [style, cls]
-        assert cls in text and style in text
+        assert cls in text and not [s for s in STYLES if s != style and _names(text, s)], text
 
 
 def test_render_split_without_captions(tmp_path):

@@ -25,6 +25,15 @@ def test_repro_runs_every_stage_and_writes_metrics(project):
         assert all(0 <= v <= 1 for v in metrics[model].values())
     assert set(metrics["student_zero_shot"]) == {"photo", "sketch", "mean"}
     assert set(metrics["base_to_novel"]) == {"base", "novel", "hm"}
+    # The validation split: the train-only styles of world.val_styles, rendered apart from train and test.
+    for model in ("teacher", "student"):
+        assert set(metrics["val"][model]) == {"neon", "mean"}
+    val_files = sorted(p.relative_to(dst / "artifacts/world/val").as_posix()
+                       for p in (dst / "artifacts/world/val").rglob("*.png"))
+    assert val_files and all(f.startswith("neon/") for f in val_files)
+    train_neon = dst / "artifacts/world/train/neon"
+    assert all((dst / "artifacts/world/val" / f).read_bytes() != (train_neon / f[len("neon/"):]).read_bytes()
+               for f in val_files)
     speed = json.loads((dst / "artifacts/eval/speed.json").read_text())
     assert speed["student"]["gflops_per_image"] > 0 and speed["teacher"]["images_per_s"] > 0
     assert (dst / "artifacts/synth/preview.png").is_file()

@@ -5,8 +5,8 @@ Writes <out>/metrics.json ({"teacher": {domain: acc, "mean": acc}, "student": {.
 "base_to_novel": {"base", "novel", "hm"} of the student trained on the first half of the classes,
 "val": the same on the world's validation split (world.val_styles), plus one entry per extra
 dataset in eval.datasets}), accuracy.csv and confusion.csv (plots), and
-speed.json (parameters, GFLOPs per image and images/s at batch 64: machine-dependent, so kept out
-of the metrics that must be reproducible).
+speed.json (parameters, GFLOPs per image and images/s at batch 64 of the student as exported and the
+teacher's image tower: machine-dependent, so kept out of the metrics that must be reproducible).
 """
 import sys
 from pathlib import Path
@@ -90,8 +90,11 @@ def main():
     batch = params.eval.speed_batch
     speed = {"device": str(device), "precision": str(amp or torch.float32).replace("torch.", ""), "batch": batch,
              "image_size": size}
+    # The student as deployed (export's `classifier()`): KDPL's class text features computed once,
+    # as the teacher's are, not re-encoded on every call as its training forward does.
+    deployed = student.classifier().eval()
     for model, fn, n_parameters in (("teacher", teacher.encode_image, count_parameters(teacher.model.visual)),
-                                    ("student", student, count_parameters(student))):
+                                    ("student", deployed, count_parameters(student))):
         speed[model] = {"parameters": n_parameters,
                         "gflops_per_image": round(gflops_per_image(fn, size, device), 4),
                         "images_per_s": round(images_per_second(with_autocast(fn, device, amp), size, device,

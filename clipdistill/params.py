@@ -257,10 +257,9 @@ def _names(module: str, table: str) -> tuple[str, ...]:
 
 def _check_val_styles(params) -> None:
     """world.val_styles: the validation split that choices are made on, never the evaluated domains."""
+    if params.world.source == "folder":
+        return  # a folder world has no rendered validation split; the key is not read
     val = params.world.val_styles
-    if val and params.world.source == "folder":
-        raise ParamsError("params key 'world.val_styles' renders a validation split of the embedded world; "
-                          "set it to [] with world.source folder")
     clash = [s for s in val if s in params.world.eval_domains]
     if clash:
         raise ParamsError(f"params key 'world.val_styles' has {clash[0]!r}, an evaluated domain: validation "

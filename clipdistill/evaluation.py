@@ -53,6 +53,18 @@ def images_per_second(fn, image_size: int, device: torch.device, batch: int = 64
     return batch * reps / (time.perf_counter() - start)
 
 
+def paired_images_per_second(fns: dict, image_size: int, device: torch.device, batch: int = 64, reps: int = 5,
+                             rounds: int = 5) -> dict[str, float]:
+    """{name: images/s} of each `fn`, the best of `rounds` timings of `reps` calls, the models taking
+    turns round by round. A single timing on a shared CPU moves by 1.5x from run to run; taking
+    turns makes a burst of load hit every model alike, and the best round is the least disturbed."""
+    best = {name: 0.0 for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = max(best[name], images_per_second(fn, image_size, device, batch=batch, reps=reps))
+    return best
+
+
 @torch.no_grad()
 def gflops_per_image(fn, image_size: int, device: torch.device) -> float:
     """GFLOPs (multiply-adds count 2) of `fn` on one [1, 3, S, S] image, from torch's FLOP counter

@@ -5,8 +5,8 @@ Writes <out>/metrics.json ({"teacher": {domain: acc, "mean": acc}, "student": {.
 "base_to_novel": {"base", "novel", "hm"} of the student trained on the first half of the classes,
 "val": the same on the world's validation split (world.val_styles), plus one entry per extra
 dataset in eval.datasets}), accuracy.csv and confusion.csv (plots), and
-speed.json (parameters, GFLOPs per image and images/s at batch 64 of the student as exported and the
-teacher's image tower: machine-dependent, so kept out of the metrics that must be reproducible).
+speed.json (parameters, GFLOPs per image and images/s at batch 64, best of 5 rounds taken in turns, of
+the student as exported and the teacher's image tower: machine-dependent, so kept out of the metrics that must be reproducible).
 """
 import sys
 from pathlib import Path
@@ -21,7 +21,7 @@ import torch
 from clipdistill.clip_models import decoding, load_clip
 from clipdistill.data import fit_domains, load_domain_folder, world_test_root
 from clipdistill.evaluation import (count_parameters, domain_accuracies, gflops_per_image, harmonic_mean,
-                                    images_per_second, pooled_accuracy, with_autocast)
+                                    paired_images_per_second, pooled_accuracy, with_autocast)
 from clipdistill.params import load_params
 from clipdistill.runtime import atomic_dir, channels_last, resolve_precision, run_stage, setup_torch, stage_args, write_json
 from clipdistill.students import load_student
@@ -93,12 +93,14 @@ def main():
     # The student as deployed (export's `classifier()`): KDPL's class text features computed once,
     # as the teacher's are, not re-encoded on every call as its training forward does.
     deployed = student.classifier().eval()
-    for model, fn, n_parameters in (("teacher", teacher.encode_image, count_parameters(teacher.model.visual)),
-                                    ("student", deployed, count_parameters(student))):
+    models = {"teacher": (teacher.encode_image, count_parameters(teacher.model.visual)),
+              "student": (deployed, count_parameters(student))}
+    rates = paired_images_per_second({model: with_autocast(fn, device, amp) for model, (fn, _) in models.items()},
+                                     size, device, batch=batch)
+    for model, (fn, n_parameters) in models.items():
         speed[model] = {"parameters": n_parameters,
                         "gflops_per_image": round(gflops_per_image(fn, size, device), 4),
-                        "images_per_s": round(images_per_second(with_autocast(fn, device, amp), size, device,
-                                                                batch=batch), 1)}
+                        "images_per_s": round(rates[model], 1)}
     speed["student_speedup"] = round(speed["student"]["images_per_s"] / speed["teacher"]["images_per_s"], 2)
     with atomic_dir(args.out) as tmp:
         write_json(tmp / "metrics.json", metrics)

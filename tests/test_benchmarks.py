@@ -73,3 +73,23 @@ def test_student_speed_benchmark_reports_student_over_teacher_rate():
                      backbone=params.distill.cnn.backbone)
     assert int(rows[1].split()[-4].replace(",", "")) == count_parameters(cnn)
     assert figure(lines[-1], "student/teacher speedup") == pytest.approx(rates[1] / rates[0], abs=0.06)
+
+
+def test_paired_timing_takes_turns_and_keeps_each_models_best_round(monkeypatch):
+    """speed.json's images/s: the models alternate round by round and each keeps its fastest round."""
+    import torch
+
+    from clipdistill import evaluation
+
+    calls, rates = [], iter([100.0, 50.0, 300.0, 40.0, 200.0, 60.0])
+
+    def fake_rate(fn, image_size, device, batch=64, reps=5):
+        calls.append(fn)
+        return next(rates)
+
+    monkeypatch.setattr(evaluation, "images_per_second", fake_rate)
+    teacher, student = object(), object()
+    best = evaluation.paired_images_per_second({"teacher": teacher, "student": student}, 32,
+                                               torch.device("cpu"), rounds=3)
+    assert calls == [teacher, student] * 3
+    assert best == {"teacher": 300.0, "student": 60.0}

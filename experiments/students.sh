@@ -6,8 +6,9 @@ source "$(dirname "$0")/lib.sh"
 # The same students with AdamW lr 0.005, no weight decay (this table's earlier setting).
 ADAMW="-S distill.temperature=1 -S distill.lr=0.005 -S distill.weight_decay=0"
 WORLD="-S distill.images=world -S distill.epochs=6"  # 3920 unlabeled images: ~ the synthetic run's steps
-exp -n cnn-synthetic
-exp -n cnn-world $WORLD
+CNN="-S distill.student=cnn"  # the default student is kdpl
+exp -n cnn-synthetic $CNN
+exp -n cnn-world $CNN $WORLD
 exp -n promptkd-synthetic $PROMPTKD_STUDENT $PAPER $PROMPTKD_LR
 exp -n promptkd-world $PROMPTKD_STUDENT $PAPER $PROMPTKD_LR $WORLD
 exp -n kdpl-synthetic $KDPL_STUDENT $PAPER $KDPL_LR

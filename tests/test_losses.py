@@ -103,7 +103,8 @@ def test_a_feature_loss_needs_a_student_with_image_features():
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["distill"]["loss"] = "feature_l2"
-    parse_params(raw)  # the default CNN student has the projection head
+    raw["distill"]["student"], raw["distill"]["cnn"]["head"] = "cnn", "projection"
+    parse_params(raw)  # a CNN student with the projection head has image features
     for student, head in (("kdpl", "projection"), ("cnn", "linear")):
         raw["distill"]["student"], raw["distill"]["cnn"]["head"] = student, head
         raw["distill"]["base_to_novel"] = False

@@ -1,7 +1,7 @@
 """Inference speed of the teacher's image tower against the students that replace it.
 
-Measures images per second at batch --batch (default 64, after one warm-up call, --reps timed
-calls), parameters and GFLOPs per image (torch's FLOP counter: convolutions and matrix products),
+Measures images per second at batch --batch (default 64; the best of 5 rounds of one warm-up and
+--reps timed calls, the models taking turns, as speed.json does), parameters and GFLOPs per image (torch's FLOP counter: convolutions and matrix products),
 with clipdistill.evaluation's functions, as the evaluate stage reports them, except that FLOPs
 are counted with nn.MultiheadAttention's fused inference path off (the counter cannot see inside
 it). Teacher = its image tower only: class text features are computed once, before inference.
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from clipdistill.clip_models import embedded_clip_from_params, load_open_clip
-from clipdistill.evaluation import count_parameters, gflops_per_image, images_per_second
+from clipdistill.evaluation import count_parameters, gflops_per_image, paired_images_per_second
 from clipdistill.clip_models import CosineClassifier
 from clipdistill.export import export_onnx
 from clipdistill.params import load_params
@@ -117,11 +117,13 @@ def main():
     print(machine_line(device))
     size, models = build_models(args)
     print(f"setting {args.setting}: {size} px inputs, batch {args.batch}, {args.reps} timed calls, on {device}")
-    rows = []
-    for name, module, fn, params, _ in models:
+    for _, module, _, _, _ in models:
         module.to(device).eval()
-        gflops = gflops_per_image(fn, size, device)  # counts with MHA's fast path off; timing keeps it
-        rows.append((name, params, gflops, images_per_second(fn, size, device, batch=args.batch, reps=args.reps)))
+    # as speed.json: best of 5 rounds of --reps calls, the models taking turns
+    rates = paired_images_per_second({name: fn for name, _, fn, _, _ in models}, size, device,
+                                     batch=args.batch, reps=args.reps)
+    # FLOPs are counted with MHA's fast path off; the timing keeps it
+    rows = [(name, params, gflops_per_image(fn, size, device), rates[name]) for name, _, fn, params, _ in models]
 
     teacher_rate = rows[0][3]
     width = max(len(r[0]) for r in rows)

@@ -6,7 +6,8 @@ Writes <out>/metrics.json ({"teacher": {domain: acc, "mean": acc}, "student": {.
 "val": the same on the world's validation split (world.val_styles), plus one entry per extra
 dataset in eval.datasets}), accuracy.csv and confusion.csv (plots), and
 speed.json (parameters, GFLOPs per image and images/s at batch 64, best of 5 rounds taken in turns, of
-the student as exported and the teacher's image tower: machine-dependent, so kept out of the metrics that must be reproducible).
+the student as exported and the teacher's image tower: machine-dependent, so kept out of the metrics
+that must be reproducible).
 """
 import sys
 from pathlib import Path

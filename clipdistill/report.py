@@ -3,6 +3,11 @@
     dvc exp show --json | python -m clipdistill.report            # one row per experiment
     dvc exp show --json | python -m clipdistill.report --by prompts.method
     dvc exp show --json | python -m clipdistill.report --students   # students x image sources
+    python -m clipdistill.report --by prompts.method seed0.json seed1.json seed2.json   # over seeds
+
+With several files (one `dvc exp show --json` per whole-pipeline seed, as
+experiments/prompts_seeds.sh writes them), the rows of equal `--by` value and student are pooled
+across files: each cell is the mean ± (max - min) / 2 over the seeds, and `seeds` counts them.
 
 Columns: the swept param (`--by`), student accuracy per evaluation domain, mean, worst domain,
 prompt diversity and image diversity (mean pairwise cosine distance of the prompts' text features
@@ -78,6 +83,38 @@ def table(rows: list[dict], by: str = "prompts.method") -> str:
     return "\n".join(lines)
 
 
+def _spread(values: list[float]) -> str:
+    """mean ± (max - min) / 2, the project's seed-spread convention (docs/results.md)."""
+    mean = sum(values) / len(values)
+    return f"{mean:.3f} ± {(max(values) - min(values)) / 2:.3f}"
+
+
+def seed_table(runs: list[list[dict]], by: str = "prompts.method") -> str:
+    """Markdown pooling several seeds' experiments: ``runs`` holds one ``experiments()`` list per seed.
+    One line per (``by`` value, distill.student), in first-seen order; every cell is mean ± half-range
+    over the seeds that ran it. The worst domain is taken per seed, then pooled."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for rows in runs:
+        for r in rows:
+            key = (str(_get(r["params"], by)), str(_get(r["params"], "distill.student")))
+            groups.setdefault(key, []).append(r)
+    if not groups:
+        raise ValueError(f"no experiment has {METRICS}; run `dvc exp run` first")
+    first = next(iter(groups.values()))[0]
+    domains = [d for d in first["metrics"][METRICS]["student"] if d != "mean"]
+    head = [by, "student", "seeds", *domains, "mean", "worst", "prompt div.", "image div."]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (value, student), rows in groups.items():
+        accs = [r["metrics"][METRICS]["student"] for r in rows]
+        divs = [[_get(r["metrics"].get(f, {}), key) for r in rows]
+                for f, key in ((PROMPT_METRICS, "prompt_diversity.mean"), (SYNTH_METRICS, "image_diversity.mean"))]
+        cells = [value, student, str(len(rows)), *(_spread([a[d] for a in accs]) for d in domains),
+                 _spread([a["mean"] for a in accs]), _spread([min(a[d] for d in domains) for a in accs]),
+                 *("-" if None in v else _spread(v) for v in divs)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def student_table(rows: list[dict]) -> str:
     """Markdown for the students comparison: one line per experiment (distill.student x
     distill.images) plus the smaller CLIP's zero-shot line, with mean and worst-domain accuracy,
@@ -113,14 +150,19 @@ def student_table(rows: list[dict]) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", nargs="?", help="file with `dvc exp show --json` output (default: stdin)")
+    ap.add_argument("json", nargs="*", help="file(s) with `dvc exp show --json` output, one per seed (default: stdin)")
     ap.add_argument("--by", default="prompts.method", help="dotted params key shown first")
     ap.add_argument("--students", action="store_true", help="the students table (docs/results.md, prompt-learning students)")
     args = ap.parse_args(argv)
-    text = open(args.json).read() if args.json else sys.stdin.read()
+    texts = [open(path).read() for path in args.json] if args.json else [sys.stdin.read()]
     try:
-        rows = experiments(json.loads(text))
-        print(student_table(rows) if args.students else table(rows, args.by))
+        runs = [experiments(json.loads(text)) for text in texts]
+        if len(runs) > 1:
+            if args.students:
+                raise ValueError("--students reads one `dvc exp show --json`; pool seeds with --by")
+            print(seed_table(runs, args.by))
+        else:
+            print(student_table(runs[0]) if args.students else table(runs[0], args.by))
     except (ValueError, KeyError) as exc:
         sys.exit(f"error: {exc}")
 

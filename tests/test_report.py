@@ -59,3 +59,26 @@ def test_student_table_has_zero_shot_row_and_base_novel_and_speed():
     md = report.student_table(report.experiments([r])).splitlines()
     assert md[2] == "| zero-shot smaller CLIP | - | kdpl-world | 0.400 | 0.300 | - | - | - | - | - | - |"
     assert md[3] == "| kdpl | world | kdpl-world | 0.700 | 0.600 | 0.900 | 0.600 | 0.720 | 1,234 | 0.0100 | 2.50 |"
+
+
+def test_seed_table_pools_each_method_and_student_over_files(tmp_path, capsys):
+    def seed(photo, sketch, cnn_mean):
+        cnn = rev("cnn-mix", "mix", {"photo": photo, "sketch": sketch, "mean": cnn_mean}, 0.3, 0.2)
+        cnn["data"]["params"]["params.yaml"]["data"]["distill"] = {"student": "cnn"}
+        van = rev("cnn-vanilla", "vanilla", {"photo": 0.2, "sketch": 0.4, "mean": 0.3})
+        van["data"]["params"]["params.yaml"]["data"]["distill"] = {"student": "cnn"}
+        return [{**rev("main", "vanilla", {}, eval_error=True),
+                 "experiments": [{"name": "v", "revs": [van]}, {"name": "m", "revs": [cnn]}]}]
+    paths = []
+    for k, values in enumerate([(0.6, 0.4, 0.5), (0.8, 0.9, 0.85), (0.7, 0.5, 0.6)]):
+        paths.append(tmp_path / f"seed{k}.json")
+        paths[-1].write_text(json.dumps(seed(*values)))
+    report.main(["--by", "prompts.method", *map(str, paths)])
+    md = capsys.readouterr().out.splitlines()
+    assert md[0] == "| prompts.method | student | seeds | photo | sketch | mean | worst | prompt div. | image div. |"
+    # vanilla ran without diversity metrics; the worst domain is per seed (0.4, 0.8, 0.5), then pooled
+    assert md[2] == "| vanilla | cnn | 3 | 0.200 ± 0.000 | 0.400 ± 0.000 | 0.300 ± 0.000 | 0.200 ± 0.000 | - | - |"
+    assert md[3] == ("| mix | cnn | 3 | 0.700 ± 0.100 | 0.600 ± 0.250 | 0.650 ± 0.175 | 0.567 ± 0.200 "
+                     "| 0.300 ± 0.000 | 0.200 ± 0.000 |")
+    with pytest.raises(SystemExit, match="--students reads one"):
+        report.main(["--students", *map(str, paths)])

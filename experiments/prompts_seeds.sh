@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The prompt-diversification table over whole-pipeline seeds (docs/results.md): for each seed, a
+# clone of this commit with `seed: K` in params.yaml, its own `dvc repro` (world, teacher, generator
+# and synthesis all reseeded), then the four prompts.method values as DVC experiments; then each
+# method's mean ± (max - min) / 2 over the seeds. A seed whose `dvc exp show --json` is on disk is
+# not rerun, so a killed sweep resumes at the seed it was on.
+#   STUDENT=cnn bash experiments/prompts_seeds.sh                 # seeds 0 1 2 under ../prompt-seeds
+#   STUDENT=cnn SEEDS="0 1 2 3 4" bash experiments/prompts_seeds.sh /tmp/sweep
+# STUDENT as in experiments/prompts.sh (empty: the default student). About 25 min per seed on a
+# 2-core CPU. The clones are of the committed HEAD, hence lib.sh's refusal of uncommitted edits.
+source "$(dirname "$0")/lib.sh"
+ROOT="$(pwd)"
+WORK="$(realpath -m "${1:-$ROOT/../prompt-seeds}")"
+SEEDS="${SEEDS:-0 1 2}"
+STUDENT="${STUDENT:-}"
+tag="${STUDENT:+$STUDENT-}"
+student=()
+if [ -n "$STUDENT" ]; then student=(-S "distill.student=$STUDENT"); fi
+mkdir -p "$WORK"
+for k in $SEEDS; do
+  out="$WORK/seed$k.json"
+  if [ -s "$out" ]; then echo "seed $k: $out is there"; continue; fi
+  clone="$WORK/seed$k"
+  rm -rf "$clone"
+  git clone -q "$ROOT" "$clone"
+  (
+    cd "$clone"
+    sed -i "s/^seed: .*/seed: $k/" params.yaml
+    git -c user.name=prompts_seeds -c user.email=prompts_seeds@localhost commit -qam "seed $k"
+    echo "seed $k: dvc repro in $clone"
+    dvc repro
+    for m in vanilla mix random contrastive; do
+      exp -n "prompts-$tag$m-seed$k" -S "prompts.method=$m" "${student[@]}"
+    done
+    dvc exp show --json > "$out.tmp" && mv "$out.tmp" "$out"
+  )
+done
+files=()
+for k in $SEEDS; do files+=("$WORK/seed$k.json"); done
+python -m clipdistill.report --by prompts.method "${files[@]}"

@@ -8,8 +8,8 @@ it). Teacher = its image tower only: class text features are computed once, befo
 Weights are random: speed does not depend on them.
 
   --setting embedded: the embedded teacher (params.yaml teacher section) at world.image_size
-      against the default CnnStudent (distill section), and the PromptKD student over the small
-      CLIP of the student_clip section.
+      against every student kind (distill section; PromptKD and KDPL over the small CLIP of the
+      student_clip section), the default `distill.student` first, each as deployed.
   --setting real: open_clip ViT-B-32 image tower (random weights) at 224 px against a
       torchvision ResNet-18 student at 224 px (CnnStudent's projection head on a ResNet-18 trunk).
 
@@ -21,7 +21,7 @@ Run from the repo root, e.g.
   python benchmarks/student_speed.py --setting embedded --serving
   python benchmarks/student_speed.py --setting real --device cuda
   python benchmarks/student_speed.py --setting embedded --batch 2 --reps 1   # smoke run
-The last line is the figure: `student/teacher speedup: N.Nx` (the CNN / ResNet-18 student).
+The last line is the figure: `student/teacher speedup: N.Nx` (the default student / ResNet-18).
 """
 from __future__ import annotations
 
@@ -44,8 +44,7 @@ from clipdistill.clip_models import CosineClassifier
 from clipdistill.export import export_onnx
 from clipdistill.params import load_params
 from clipdistill.runtime import run_stage
-from clipdistill.prompt_students import PromptKDStudent
-from clipdistill.students import CnnStudent
+from clipdistill.students import STUDENTS, CnnStudent
 
 REAL_IMAGE_SIZE = 224
 
@@ -62,6 +61,14 @@ def resnet18_student(class_vectors: torch.Tensor, logit_scale: float) -> CnnStud
     return student
 
 
+def student_label(kind: str, params) -> str:
+    if kind == "cnn":
+        cnn = params.distill.cnn
+        return f"CnnStudent (width {cnn.width}, depth {cnn.depth}, {cnn.head} head)"
+    name = {"promptkd": "PromptKD", "kdpl": "KDPL"}[kind]
+    return f"{name} over the student_clip tower (width {params.student_clip.vision_width})"
+
+
 def build_models(args):
     """(image size, [(name, module, fn on [B, 3, S, S] in [0, 1], parameters counted, classifier)]);
     teacher first, the student of the final line second. `classifier`: what the export stage
@@ -73,20 +80,23 @@ def build_models(args):
         size = params.world.image_size
         teacher = embedded_clip_from_params(params.teacher, size)
         class_vectors = F.normalize(torch.randn(len(params.world.classes), teacher.embed_dim, generator=gen), dim=-1)
-        cnn = CnnStudent.from_params(params.distill.cnn, class_vectors=class_vectors, logit_scale=teacher.logit_scale,
-                                     classes=params.world.classes, clip=None, generator=gen)
-        small_clip = embedded_clip_from_params(params.student_clip, size)
-        promptkd = PromptKDStudent.from_params(params.distill.promptkd, class_vectors=class_vectors,
-                                               logit_scale=teacher.logit_scale, classes=params.world.classes,
-                                               clip=small_clip, generator=gen)
-        cnn_params = params.distill.cnn
-        models = [(f"teacher: embedded CLIP image tower ({params.teacher.vision}, width {params.teacher.vision_width})",
-                   teacher, teacher.encode_image, count_parameters(teacher.model.visual),
-                   CosineClassifier.zero_shot(teacher, class_vectors)),
-                  (f"student: CnnStudent (width {cnn_params.width}, depth {cnn_params.depth}, {cnn_params.head} head)",
-                   cnn, cnn, count_parameters(cnn), cnn.classifier()),
-                  (f"student: PromptKD over the student_clip tower (width {params.student_clip.vision_width})",
-                   promptkd, promptkd, count_parameters(promptkd), promptkd.classifier())]
+        teacher_row = (f"teacher: embedded CLIP image tower ({params.teacher.vision}, width {params.teacher.vision_width})",
+                       teacher, teacher.encode_image, count_parameters(teacher.model.visual),
+                       CosineClassifier.zero_shot(teacher, class_vectors))
+        # Every student of the registry, the default (distill.student) first, each timed as the
+        # evaluate stage's speed.json times it: as deployed (`classifier()`: KDPL's class text
+        # features computed once).
+        kinds = [params.distill.student, *(k for k in STUDENTS if k != params.distill.student)]
+        students = []
+        for kind in kinds:
+            clip = None if kind == "cnn" else embedded_clip_from_params(params.student_clip, size)
+            student = STUDENTS[kind].from_params(getattr(params.distill, kind), class_vectors=class_vectors,
+                                                 logit_scale=teacher.logit_scale, classes=params.world.classes,
+                                                 clip=clip, generator=gen)
+            deployed = student.classifier().eval()
+            students.append((f"student: {student_label(kind, params)}", deployed, deployed,
+                             count_parameters(student), deployed))
+        models = [teacher_row, *students]
     else:
         size = REAL_IMAGE_SIZE
         teacher = load_open_clip("ViT-B-32", "random")

@@ -64,7 +64,8 @@ def test_student_speed_benchmark_reports_student_over_teacher_rate():
 
     lines = run_script("student_speed.py", "--batch", "2", "--reps", "1")
     rows = [ln for ln in lines if ln.startswith(("teacher:", "student:"))]
-    assert len(rows) == 3  # teacher, CNN student, PromptKD student
+    # teacher, then the default student of these params (cnn), then the registry's other kinds
+    assert [r.split()[1] for r in rows] == ["embedded", "CnnStudent", "PromptKD", "KDPL"]
     rates = [float(r.split()[-2]) for r in rows]
     # The CNN student's parameter count, as the distill stage would build it from these params.
     params = load_params(ROOT / "tests" / "tiny_params.yaml")
@@ -72,6 +73,20 @@ def test_student_speed_benchmark_reports_student_over_teacher_rate():
                      head=params.distill.cnn.head, width=params.distill.cnn.width, depth=params.distill.cnn.depth,
                      backbone=params.distill.cnn.backbone)
     assert int(rows[1].split()[-4].replace(",", "")) == count_parameters(cnn)
+    assert figure(lines[-1], "student/teacher speedup") == pytest.approx(rates[1] / rates[0], abs=0.06)
+
+
+def test_student_speed_benchmark_puts_the_default_student_on_the_final_line(tmp_path):
+    import yaml
+
+    params = yaml.safe_load((ROOT / "tests" / "tiny_params.yaml").read_text())
+    params["distill"]["student"] = "kdpl"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    lines = run_script("student_speed.py", "--params", str(path), "--batch", "2", "--reps", "1")
+    rows = [ln for ln in lines if ln.startswith(("teacher:", "student:"))]
+    assert [r.split()[1] for r in rows] == ["embedded", "KDPL", "CnnStudent", "PromptKD"]
+    rates = [float(r.split()[-2]) for r in rows]
     assert figure(lines[-1], "student/teacher speedup") == pytest.approx(rates[1] / rates[0], abs=0.06)
 
 

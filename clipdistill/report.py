@@ -92,11 +92,16 @@ def _spread(values: list[float]) -> str:
 def seed_table(runs: list[list[dict]], by: str = "prompts.method") -> str:
     """Markdown pooling several seeds' experiments: ``runs`` holds one ``experiments()`` list per seed.
     One line per (``by`` value, distill.student), in first-seen order; every cell is mean ± half-range
-    over the seeds that ran it. The worst domain is taken per seed, then pooled."""
+    over the seeds that ran it, each seed counted once (its first row of that key). The worst domain
+    is taken per seed, then pooled."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for rows in runs:
+        seen = set()
         for r in rows:
             key = (str(_get(r["params"], by)), str(_get(r["params"], "distill.student")))
+            if key in seen:  # one seed's baseline and its experiment of the same params: one run
+                continue
+            seen.add(key)
             groups.setdefault(key, []).append(r)
     if not groups:
         raise ValueError(f"no experiment has {METRICS}; run `dvc exp run` first")

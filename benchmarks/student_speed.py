@@ -85,7 +85,7 @@ def build_models(args):
                        CosineClassifier.zero_shot(teacher, class_vectors))
         # Every student of the registry, the default (distill.student) first, each timed as the
         # evaluate stage's speed.json times it: as deployed (`classifier()`: KDPL's class text
-        # features computed once).
+        # features computed once; parameters of the deployed model).
         kinds = [params.distill.student, *(k for k in STUDENTS if k != params.distill.student)]
         students = []
         for kind in kinds:
@@ -95,7 +95,7 @@ def build_models(args):
                                                  clip=clip, generator=gen)
             deployed = student.classifier().eval()
             students.append((f"student: {student_label(kind, params)}", deployed, deployed,
-                             count_parameters(student), deployed))
+                             count_parameters(deployed), deployed))
         models = [teacher_row, *students]
     else:
         size = REAL_IMAGE_SIZE

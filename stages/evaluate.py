@@ -92,10 +92,12 @@ def main():
     speed = {"device": str(device), "precision": str(amp or torch.float32).replace("torch.", ""), "batch": batch,
              "image_size": size}
     # The student as deployed (export's `classifier()`): KDPL's class text features computed once,
-    # as the teacher's are, not re-encoded on every call as its training forward does.
+    # as the teacher's are, not re-encoded on every call as its training forward does. Its
+    # parameters are the deployed model's, as the teacher's are its image tower's: a prompt
+    # student's text tower (KDPL's holds a 49,408-row token table) is not shipped.
     deployed = student.classifier().eval()
     models = {"teacher": (teacher.encode_image, count_parameters(teacher.model.visual)),
-              "student": (deployed, count_parameters(student))}
+              "student": (deployed, count_parameters(deployed))}
     rates = paired_images_per_second({model: with_autocast(fn, device, amp) for model, (fn, _) in models.items()},
                                      size, device, batch=batch)
     for model, (fn, n_parameters) in models.items():

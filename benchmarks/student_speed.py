@@ -65,7 +65,7 @@ def student_label(kind: str, params) -> str:
     if kind == "cnn":
         cnn = params.distill.cnn
         return f"CnnStudent (width {cnn.width}, depth {cnn.depth}, {cnn.head} head)"
-    name = {"promptkd": "PromptKD", "kdpl": "KDPL"}[kind]
+    name = {"promptkd": "PromptKD", "kdpl": "KDPL"}.get(kind, kind)
     return f"{name} over the student_clip tower (width {params.student_clip.vision_width})"
 
 

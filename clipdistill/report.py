@@ -83,7 +83,7 @@ def table(rows: list[dict], by: str = "prompts.method") -> str:
     return "\n".join(lines)
 
 
-def _spread(values: list[float]) -> str:
+def mean_spread(values: list[float]) -> str:
     """mean ± (max - min) / 2, the project's seed-spread convention (docs/results.md)."""
     mean = sum(values) / len(values)
     return f"{mean:.3f} ± {(max(values) - min(values)) / 2:.3f}"
@@ -113,9 +113,9 @@ def seed_table(runs: list[list[dict]], by: str = "prompts.method") -> str:
         accs = [r["metrics"][METRICS]["student"] for r in rows]
         divs = [[_get(r["metrics"].get(f, {}), key) for r in rows]
                 for f, key in ((PROMPT_METRICS, "prompt_diversity.mean"), (SYNTH_METRICS, "image_diversity.mean"))]
-        cells = [value, student, str(len(rows)), *(_spread([a[d] for a in accs]) for d in domains),
-                 _spread([a["mean"] for a in accs]), _spread([min(a[d] for d in domains) for a in accs]),
-                 *("-" if None in v else _spread(v) for v in divs)]
+        cells = [value, student, str(len(rows)), *(mean_spread([a[d] for a in accs]) for d in domains),
+                 mean_spread([a["mean"] for a in accs]), mean_spread([min(a[d] for d in domains) for a in accs]),
+                 *("-" if None in v else mean_spread(v) for v in divs)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

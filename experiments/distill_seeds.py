@@ -26,6 +26,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's package, not another clone's editable install
+
+from clipdistill.report import mean_spread  # noqa: E402
+
 ART = ROOT / "artifacts"
 
 # name = comma-separated key=value overrides of params.yaml
@@ -99,7 +103,7 @@ def main():
         cells = []
         for d in shown:
             values = [m[d] for m in per_seed]
-            cells.append(f"{statistics.mean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}")
+            cells.append(mean_spread(values))
         worst = [min(m[d] for d in domains[:-1]) for m in per_seed]
         cells.append(f"{statistics.mean(worst):.3f}")
         print(f"| {name} | " + " | ".join(cells) + " |")

@@ -17,3 +17,12 @@ PROMPTKD_STUDENT="-S distill.student=promptkd -S distill.loss=promptkd"
 KDPL_STUDENT="-S distill.student=kdpl -S distill.loss=symmetric_kl"
 PROMPTKD_LR="-S distill.lr=0.005"
 KDPL_LR="-S distill.lr=0.002"
+
+# The prompt sweeps (prompts.sh, prompts_seeds.sh): Xuan et al.'s four methods, and the student they
+# distil, from the environment: STUDENT=cnn (or promptkd, kdpl) overrides distill.student, and
+# tags the experiment names; empty keeps the default student.
+PROMPT_METHODS="vanilla mix random contrastive"
+STUDENT="${STUDENT:-}"
+tag="${STUDENT:+$STUDENT-}"
+student=()
+if [ -n "$STUDENT" ]; then student=(-S "distill.student=$STUDENT"); fi

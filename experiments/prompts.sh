@@ -4,11 +4,7 @@
 #   bash experiments/prompts.sh                  # the default student (KDPL)
 #   STUDENT=cnn bash experiments/prompts.sh      # a CNN from scratch, as Xuan et al. distil (synthesis is shared)
 source "$(dirname "$0")/lib.sh"
-STUDENT="${STUDENT:-}"
-tag="${STUDENT:+$STUDENT-}"
-student=()
-if [ -n "$STUDENT" ]; then student=(-S "distill.student=$STUDENT"); fi
-for m in vanilla mix random contrastive; do
+for m in $PROMPT_METHODS; do
   exp -n "prompts-$tag$m" -S "prompts.method=$m" "${student[@]}"
 done
 exp -n "prompts-${tag}mix-teacher-vocab" -S prompts.method=mix -S prompts.mix.styles_file=clipdistill/assets/world_styles.txt "${student[@]}"

@@ -15,10 +15,6 @@ ROOT="$(pwd)"
 WORK="$(realpath -m "${1:-$ROOT/../prompt-seeds}")"
 SEEDS="${SEEDS:-0 1 2}"
 PARAMS="${PARAMS:+$(realpath "$PARAMS")}"   # a committed params file to run instead of params.yaml
-STUDENT="${STUDENT:-}"
-tag="${STUDENT:+$STUDENT-}"
-student=()
-if [ -n "$STUDENT" ]; then student=(-S "distill.student=$STUDENT"); fi
 mkdir -p "$WORK"
 for k in $SEEDS; do
   out="$WORK/seed$k.json"
@@ -36,7 +32,7 @@ for k in $SEEDS; do
     dvc repro
     # the seed's own dvc.lock, committed: its baseline row is then the default run at this seed
     git -c user.name=prompts_seeds -c user.email=prompts_seeds@localhost commit -q --allow-empty -am "seed $k: dvc repro"
-    for m in vanilla mix random contrastive; do
+    for m in $PROMPT_METHODS; do
       exp -n "prompts-$tag$m-seed$k" -S "prompts.method=$m" "${student[@]}"
     done
     dvc exp show --json > "$out.tmp" && mv "$out.tmp" "$out"

@@ -11,8 +11,11 @@ source "$(dirname "$0")/lib.sh"
 PKD="$PROMPTKD_STUDENT $PROMPTKD_LR $PAPER"
 KDPL="$KDPL_STUDENT $KDPL_LR $PAPER"
 ONE="-S distill.base_to_novel=false"  # the main student only: its figures do not depend on this
-OLD_GEN="-S generator.steps=400"      # the generator before 2026-11-25 (18.8 dB PSNR)
-MID_GEN="-S generator.steps=1600"     # the default of 2026-11-25 (22.3 dB); 4,800 since (24.7 dB)
+# The generators these rows were measured with, all at taming's constant rate of 0.002.
+RATE="-S generator.lr=0.002 -S generator.schedule=constant"
+OLD_GEN="-S generator.steps=400 $RATE"    # 18.8 dB PSNR
+MID_GEN="-S generator.steps=1600 $RATE"   # 22.3 dB
+FULL_GEN="-S generator.steps=4800 $RATE"  # 24.7 dB
 # KDPL before learning: its context "a photo of a" is one template (the zero-shot row averages six).
 exp -n kdpl-at-init $KDPL $ONE -S distill.lr=0.000000000001 -S distill.epochs=1
 for student in PKD KDPL; do
@@ -26,15 +29,15 @@ for student in PKD KDPL; do
   exp -n "$s-gen1600-synth-steps100" ${!student} $ONE $MID_GEN -S synthesize.steps=100
   # Three times the images at the same number of steps.
   exp -n "$s-gen1600-2100-images" ${!student} $ONE $MID_GEN -S prompts.per_class=300 -S distill.epochs=10
-  # The default generator (4,800 steps) with Xuan et al.'s diversified prompts.
-  exp -n "$s-contrastive" ${!student} $ONE -S prompts.method=contrastive
-  exp -n "$s-mix-teacher-vocab" ${!student} $ONE -S prompts.method=mix \
+  # The 4,800-step generator with Xuan et al.'s diversified prompts.
+  exp -n "$s-contrastive" ${!student} $ONE $FULL_GEN -S prompts.method=contrastive
+  exp -n "$s-mix-teacher-vocab" ${!student} $ONE $FULL_GEN -S prompts.method=mix \
     -S prompts.mix.styles_file=clipdistill/assets/world_styles.txt
 done
 # PromptKD gains from Contrastive-Prompt images: more of them, at the same steps and at more.
-exp -n pkd-contrastive-2100-images $PKD $ONE -S prompts.method=contrastive -S prompts.per_class=300 -S distill.epochs=10
-exp -n pkd-contrastive-2100-images-30-epochs $PKD $ONE -S prompts.method=contrastive -S prompts.per_class=300
-exp -n pkd-contrastive-7000-images $PKD $ONE -S prompts.method=contrastive -S prompts.per_class=1000 -S distill.epochs=3
-exp -n pkd-contrastive-7000-images-10-epochs $PKD $ONE -S prompts.method=contrastive -S prompts.per_class=1000 -S distill.epochs=10
-exp -n pkd-contrastive-7000-images-30-epochs $PKD $ONE -S prompts.method=contrastive -S prompts.per_class=1000 -S distill.epochs=30
+exp -n pkd-contrastive-2100-images $PKD $ONE $FULL_GEN -S prompts.method=contrastive -S prompts.per_class=300 -S distill.epochs=10
+exp -n pkd-contrastive-2100-images-30-epochs $PKD $ONE $FULL_GEN -S prompts.method=contrastive -S prompts.per_class=300
+exp -n pkd-contrastive-7000-images $PKD $ONE $FULL_GEN -S prompts.method=contrastive -S prompts.per_class=1000 -S distill.epochs=3
+exp -n pkd-contrastive-7000-images-10-epochs $PKD $ONE $FULL_GEN -S prompts.method=contrastive -S prompts.per_class=1000 -S distill.epochs=10
+exp -n pkd-contrastive-7000-images-30-epochs $PKD $ONE $FULL_GEN -S prompts.method=contrastive -S prompts.per_class=1000 -S distill.epochs=30
 dvc exp show --json | python -m clipdistill.report --students

@@ -3,7 +3,8 @@
 generator.source=embedded trains a small VQGAN built from taming-transformers modules on the
 world's train images (reconstruction + codebook losses only: nothing is downloaded);
 generator.source=taming loads an official taming config + checkpoint from local paths.
-Reports reconstruction PSNR on the world's test images. Training saves its state every
+Reports reconstruction PSNR on the world's test images and, for the embedded world, on its
+validation split (metrics.json "val_psnr"). Training saves its state every
 generator.checkpoint_every steps in artifacts/.generator.work/<key>/; a rerun after a kill resumes.
 """
 import sys
@@ -67,24 +68,34 @@ def main():
         summary = {"source": "taming", "config": params.generator.taming_config,
                    "checkpoint": params.generator.taming_checkpoint}
         curves = {"loss": [], "lr": []}  # an official release: nothing trained here
-    test = load_domain_folder(world_test_root(params, args.world), list(params.world.classes), clip_default(size),
-                              params.world.eval_domains)
-    # At most PSNR_IMAGES evenly spaced images per domain (a real dataset has thousands), decoded
-    # with CLIP's shortest-side resize and centre crop, as the teacher sees them.
-    test = {dom: decode_all(imgs.subset(torch.arange(0, len(imgs), max(1, len(imgs) // PSNR_IMAGES))[:PSNR_IMAGES]),
-                            params.data.workers).images for dom, imgs in test.items()}
-    batch = max(1, 256 * 32 * 32 // (size * size))  # 256 images at 32 px, 5 at 224 px
-    psnr = {dom: round(reconstruction_psnr(model, imgs.float().div(255).to(device), batch), 2)
-            for dom, imgs in test.items()}
-    psnr["mean"] = round(sum(psnr.values()) / len(psnr), 2)
-    summary["psnr"] = psnr
+    summary["psnr"] = domain_psnr(model, world_test_root(params, args.world), params.world.eval_domains, params, device)
+    if params.world.source == "embedded" and params.world.val_styles:
+        # The validation split (train-only styles): what the generator's length and rate are chosen on.
+        summary["val_psnr"] = domain_psnr(model, Path(args.world) / "val", params.world.val_styles, params, device)
     with atomic_dir(args.out) as tmp:
         save_checkpoint(model.cpu(), cfg, tmp / "vqgan.pt")
         write_json(tmp / "metrics.json", summary)
         write_curves(tmp / LIVE_DIR, curves)
     if params.generator.source == "embedded":
         checkpoints.clear()
-    print(f"generator: reconstruction PSNR {psnr} dB")
+    print(f"generator: reconstruction PSNR {summary['psnr']} dB"
+          + (f", validation {summary['val_psnr']['mean']} dB" if "val_psnr" in summary else ""))
+
+
+def domain_psnr(model, root: Path, domains: list[str], params, device: torch.device) -> dict[str, float]:
+    """Reconstruction PSNR (dB) per domain folder under `root`, and their mean. At most PSNR_IMAGES
+    evenly spaced images per domain (a real dataset has thousands), decoded with CLIP's
+    shortest-side resize and centre crop, as the teacher sees them."""
+    size = params.world.image_size
+    sets = load_domain_folder(root, list(params.world.classes), clip_default(size), domains)
+    batch = max(1, 256 * 32 * 32 // (size * size))  # 256 images at 32 px, 5 at 224 px
+    psnr = {}
+    for dom, imgs in sets.items():
+        picked = imgs.subset(torch.arange(0, len(imgs), max(1, len(imgs) // PSNR_IMAGES))[:PSNR_IMAGES])
+        images = decode_all(picked, params.data.workers).images
+        psnr[dom] = round(reconstruction_psnr(model, images.float().div(255).to(device), batch), 2)
+    psnr["mean"] = round(sum(psnr.values()) / len(psnr), 2)
+    return psnr
 
 
 if __name__ == "__main__":

@@ -108,3 +108,45 @@ def test_paired_timing_takes_turns_and_keeps_each_models_best_round(monkeypatch)
                                                torch.device("cpu"), rounds=3)
     assert calls == [teacher, student] * 3
     assert best == {"teacher": 300.0, "student": 60.0}
+
+
+def compile_benchmark(env: dict | None = None) -> list[str]:
+    proc = subprocess.run([sys.executable, "benchmarks/compile.py", "--params", "tests/tiny_params.yaml", "--device", "cpu",
+                           "--threads", "1", "--steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("machine: ")
+    assert re.fullmatch(r"format: (fp32|bf16) (NCHW|channels-last) \(as the generator stage chooses it\)", lines[1])
+    assert re.fullmatch(r"eager: \d+\.\d ms per step", lines[2])
+    return lines
+
+
+def test_compile_benchmark_without_a_cxx_compiler_times_eager_only(tmp_path):
+    """No g++, clang++ or $CXX on PATH: it says so and stops after the eager step."""
+    import os
+
+    (tmp_path / "bin").mkdir()
+    os.symlink(sys.executable, tmp_path / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if k != "CXX"}
+    env["PATH"] = str(tmp_path / "bin")
+    lines = compile_benchmark(env)
+    assert lines[3:] == ["compile: no C++ compiler found (g++, clang++ or $CXX), so inductor cannot build; eager only"]
+
+
+def test_compile_benchmark_figure_is_the_stages_steps_times_the_step_gain_less_the_one_time_cost():
+    """Needs a C++ compiler, as inductor does (.ci/run installs g++); the test above covers none."""
+    from clipdistill.params import load_params
+
+    lines = compile_benchmark()
+    assert lines[3].startswith("compile: inductor builds with ")
+    m = re.fullmatch(r"compiled: (\d+\.\d) ms per step \((\d+\.\d\d)x eager\), after a one-time (\d+\.\d) s", lines[4])
+    assert m, lines[4]
+    eager = float(re.match(r"eager: (\d+\.\d)", lines[2]).group(1))
+    compiled, speedup, cost = float(m.group(1)), float(m.group(2)), float(m.group(3))
+    assert speedup == pytest.approx(eager / compiled, abs=0.02)
+    steps = load_params(ROOT / "tests" / "tiny_params.yaml").generator.steps
+    final = re.fullmatch(rf"compile over {steps} generator steps: (saves|costs) (\d+) s", lines[5])
+    assert final, lines[5]
+    net = float(final.group(2)) * (1 if final.group(1) == "saves" else -1)
+    assert net == pytest.approx(steps * (eager - compiled) / 1e3 - cost, abs=1.0)

@@ -46,8 +46,8 @@ def cxx_compiler() -> str | None:
     return None
 
 
-def training_step(encode, decode, quantize, params, x: torch.Tensor, amp_dtype, device):
-    """One step of clipdistill.vqgan.train_vqgan's loop, without its sampling and code restarts."""
+def training_step(encode, decode, quantize, opt: torch.optim.Optimizer, x: torch.Tensor, amp_dtype, device):
+    """One step of clipdistill.vqgan.train_vqgan's loop on batch x, without its sampling and code restarts."""
     def step():
         with autocast(device, amp_dtype):
             z = encode(x)
@@ -56,9 +56,9 @@ def training_step(encode, decode, quantize, params, x: torch.Tensor, amp_dtype, 
             rec = decode(zq)
         rec = rec.float()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + qloss
-        params["opt"].zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        params["opt"].step()
+        opt.step()
     return step
 
 
@@ -89,7 +89,7 @@ def main():
     fmt = choose_format("generator", params.precision, device, probe, {"vqgan": asdict(cfg), "batch": batch})
     print(f"format: {fmt.name} (as the generator stage chooses it)")
     fmt.apply(model)
-    opt = {"opt": torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.5, 0.9))}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.5, 0.9))  # as train_vqgan's
 
     eager = training_step(model.encode_continuous, model.decode, model.vector_quantize, opt, x, fmt.amp_dtype, device)
     for _ in range(3):

@@ -48,16 +48,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def dense_matmul_gflops(device: torch.device, n: int = 2048, reps: int = 10) -> float:
-    """GFLOP/s of an fp32 [n, n] @ [n, n] matmul on `device`: about the most this machine computes.
+def dense_matmul_gflops(device: torch.device, n: int = 2048, reps: int = 10, budget_s: float = 10.0) -> float:
+    """GFLOP/s of a square [size, size] @ [size, size] matmul on `device` (in the autocast dtype the
+    caller has set): about the most this machine computes, a ceiling for any mode of a benchmark
+    whose work is counted in FLOPs (no batching beats it).
 
-    A ceiling for any mode of a benchmark whose work is counted in FLOPs: no batching beats it.
+    `size` is the largest of 256, 512, ... up to `n` whose `reps` products fit in about `budget_s`.
+    Where the dtype has no hardware support (bf16 on a CPU without AVX512-BF16 or AMX: one 2048
+    product took 59 s on a 2-core AMD EPYC without AVX-512), the ceiling is then measured at a
+    smaller size in seconds, instead of n = 2048 in minutes; such a rate is far below fp32's anyway.
     """
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    for _ in range(2):  # warm-up: kernel selection, allocator
-        a @ b
+    size = 256
+    while True:
+        a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+        for _ in range(2):  # warm-up: kernel selection, allocator
+            a @ b
+        one = timed(lambda: a @ b, device)
+        if size >= n or 8 * one * reps > budget_s:  # the next size costs about 8x
+            break
+        size *= 2
     seconds = timed(lambda: [a @ b for _ in range(reps)], device)
-    return 2 * n**3 * reps / seconds / 1e9
+    return 2 * size**3 * reps / seconds / 1e9
 
 
 def timed(fn, device: torch.device) -> float:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures in one command: on one CUDA GPU (sized for an H200, at most 8 minutes) it prints
+# The GPU figures in one command: on one CUDA GPU (sized for an H200, at most 10 minutes) it prints
 # one line per figure on stdout, the machine first:
 #   machine: ...
 #   synthesis fp32: batched/loop speedup: N.Nx (...)   benchmarks/synthesis.py --setting real, fp32 (dry run: embedded)
@@ -7,6 +7,9 @@
 #   loader_speed: ...                                  benchmarks/loader_speed.py's figure (ResNet-18 student at 224 px
 #                                                      fed by the streaming loader vs device-resident tensors)
 #   torchrun synthesis 2 processes == 1 process: yes   stages/synthesize.py under torchrun on tests/tiny_params.yaml
+#   pipeline on <device>, every stage: yes             the stages after synthesize (distill, evaluate, export) on
+#                                                      its 1-process output: with the torchrun step, every
+#                                                      stage of dvc.yaml has run on the device
 #
 # Usage (from anywhere; it runs from the repo root):
 #   bash benchmarks/gpu.sh [--out DIR]     on a CUDA machine
@@ -66,17 +69,19 @@ if [ "$DRY_RUN" = 1 ]; then
     LOADER=(--images 2 --batch 2 --workers 1 --warmup 0)
     LOADER_TIMEOUT=120
     TORCHRUN_TIMEOUT=300  # all of the torchrun step: its pipeline stages, 1 process, 2 processes
+    PIPELINE_TIMEOUT=300  # the stages after synthesize
 else
     DEVICE=cuda
     # The real defaults (8 images of 256 px, 8 cutouts), 5 steps, fastest of 3 runs per mode; on an
     # H200 each run should take well under a minute. The timeouts (25 s for the machine line) add
-    # up to 470 s: under 8 minutes however slow a step is.
+    # up to 590 s: under 10 minutes however slow a step is.
     SETTING=(--setting real)
     SYNTH_ARGS=(--batch 8 --steps 5 --repeats 3)
     SYNTH_TIMEOUT=(115 100)
     LOADER=(--images 4096 --batch 256 --workers 8)  # loader_speed.py's defaults: 16 steps per run
     LOADER_TIMEOUT=90
     TORCHRUN_TIMEOUT=140
+    PIPELINE_TIMEOUT=120
 fi
 
 FAILED=()
@@ -203,6 +208,10 @@ out = synth[synth.index("--out") + 1]
 print("synth1", out, " ".join(synth), sep="\t")
 synth[synth.index("--out") + 1] = out + "_2p"
 print("synth2", out + "_2p", " ".join(synth), sep="\t")
+for stage in stages:  # then every other stage, each after the stages it reads (the 1-process synthesis)
+    visit(stage)
+for stage in order[order.index("synthesize") + 1:]:
+    print("after", stage, " ".join(args(stage)), sep="\t")
 EOF
     local kind out words synth1=() synth2=() one="" two="" w
     while IFS=$'\t' read -r kind out words; do
@@ -254,11 +263,11 @@ EOF
     fi
     return 2
 }
-left_s() {  # seconds left before the torchrun step's deadline, in $left; fails when (nearly) none
+left_s() {  # seconds left before the running step's deadline (DEADLINE), in $left; fails when (nearly) none
     left=$((DEADLINE - SECONDS))
-    [ "$left" -gt 5 ] || { echo "out of time (${TORCHRUN_TIMEOUT} s for the torchrun step)" >>"$LOGS/torchrun.log"; return 1; }
+    [ "$left" -gt 5 ] || { echo "out of time (the step's deadline has passed)" >>"$log"; return 1; }
 }
-run_logged() {  # run_logged LOG CMD...: CMD in DIR/pipeline under the torchrun step's deadline, output appended to LOG
+run_logged() {  # run_logged LOG CMD...: CMD in DIR/pipeline under the running step's deadline, output appended to LOG
     local log="$1"
     shift
     left_s || return 1
@@ -279,6 +288,26 @@ case $rc in
     *) fail torchrun "torchrun synthesis 2 processes == 1 process: FAILED (a command failed; log $LOGS/torchrun.log)" \
            "$LOGS/torchrun.log" ;;
 esac
+
+# --- 4. the stages after synthesize (distill, evaluate, export) on its 1-process output, in the same
+# tiny pipeline: with step 3, every stage of dvc.yaml has then run on the device.
+pipeline_step() {
+    local log="$LOGS/pipeline.log" kind out words
+    DEADLINE=$((SECONDS + PIPELINE_TIMEOUT))
+    : >"$log"
+    while IFS=$'\t' read -r kind out words; do
+        [ "$kind" = after ] || continue
+        read -ra words <<<"$words"
+        run_logged "$log" "$PY" "${words[@]}" </dev/null || return 1
+    done <"$PIPE/commands.tsv"
+}
+if [ "$rc" = 1 ] || [ ! -s "$PIPE/commands.tsv" ]; then
+    fail pipeline "pipeline on $DEVICE, every stage: FAILED (not run: the torchrun step's stages did not finish)"
+elif pipeline_step; then
+    echo "pipeline on $DEVICE, every stage: yes"
+else
+    fail pipeline "pipeline on $DEVICE, every stage: FAILED (a command failed; log $LOGS/pipeline.log)" "$LOGS/pipeline.log"
+fi
 
 echo "gpu.sh: logs in $LOGS" >&2
 if [ "${#FAILED[@]}" -gt 0 ]; then

@@ -343,8 +343,10 @@ def train_vqgan(
     def step_fn(step: int) -> float:
         idx = torch.randint(0, n, (batch_size,), generator=gen)
         x = _to_unit_float(images[idx]).mul_(2).sub_(1)
-        flip_h = torch.rand(batch_size, generator=gen) < 0.5
-        flip_v = torch.rand(batch_size, generator=gen) < 0.5
+        # the flips are drawn on the CPU generator (the same draws on every device) and applied where
+        # the images are (the stage keeps them on the model's device)
+        flip_h = (torch.rand(batch_size, generator=gen) < 0.5).to(x.device)
+        flip_v = (torch.rand(batch_size, generator=gen) < 0.5).to(x.device)
         x = torch.where(flip_h[:, None, None, None], x.flip(-1), x)
         x = torch.where(flip_v[:, None, None, None], x.flip(-2), x)
         x = x.to(device, non_blocking=True)

@@ -1,7 +1,7 @@
 """benchmarks/gpu.sh --dry-run: every step of the GPU figures at tiny size on the CPU, one line each.
 
-It runs the pipeline's stages up to synthesize on tests/tiny_params.yaml (about a minute on 2
-cores), hence the e2e mark. While benchmarks/loader_speed.py does not exist the script must say so
+It runs every stage of the pipeline on tests/tiny_params.yaml (a few minutes on 2 cores), hence
+the e2e mark. While benchmarks/loader_speed.py does not exist the script must say so
 and fail, and that must be its only failure; once the file exists its figure is demanded too.
 """
 import os
@@ -27,12 +27,13 @@ def test_gpu_script_dry_run_prints_every_figure(tmp_path):
     report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     lines = proc.stdout.strip().splitlines()
 
-    assert len(lines) == 5, report  # the machine, then one line per figure
+    assert len(lines) == 6, report  # the machine, then one line per figure
     assert lines[0].startswith("machine: cpu (dry run)"), report
     for line, precision in zip(lines[1:3], ("fp32", "bf16")):
         assert re.fullmatch(rf"synthesis {precision}: batched/loop speedup: \d+\.\dx \(batched \d+\.\d\d vs loop "
                             rf"\d+\.\d\d images\*steps/s; 2 images of \d+ px, 1 steps, 1 cutouts of \d+ px\)", line), report
     assert lines[4] == "torchrun synthesis 2 processes == 1 process: yes", report
+    assert lines[5] == "pipeline on cpu, every stage: yes", report
     assert not any("FAILED" in line for line in lines), report
 
     if loader_exists:
@@ -49,3 +50,7 @@ def test_gpu_script_dry_run_prints_every_figure(tmp_path):
     one = (logs / "sha256_1p.txt").read_text().splitlines()
     assert len(one) > 3 and one == (logs / "sha256_2p.txt").read_text().splitlines()  # 3 shards at least
     assert "rank 1/2" in (logs / "torchrun_2p.log").read_text()
+    # The stages after synthesize ran on its output: the exported student is there.
+    pipeline = tmp_path / "gpu" / "pipeline"
+    assert (pipeline / "artifacts" / "eval" / "metrics.json").is_file(), report
+    assert any((pipeline / "artifacts" / "export").iterdir()), report

@@ -6,13 +6,15 @@ same loop. The choice is also loop by loop: on a 2-core AMD EPYC, bf16 speeds up
 slows down synthesis (docs/results.md, "Precision per loop"). So `choose_format` times a few steps
 of the loop itself in every candidate format and keeps the fastest. A candidate must beat the
 choice before it (fp32 NCHW, then fp32 channels-last, bf16 NCHW, bf16 channels-last) by `MARGIN`,
-so timing noise never swaps in a format that is not clearly faster.
+so timing noise never swaps in a format that is not clearly faster. A CPU without native bf16
+(bf16 there is emulated, 100x slower than fp32 for a matmul on a 2-core AMD EPYC without AVX-512)
+is probed over the two fp32 formats only.
 
 The probe's answer is stored per machine in `cache_path()`, keyed by the loop, its shapes, the CPU,
 torch and the thread count. The same machine and params therefore always pick the same format and
-write the same artifacts; delete the file to probe again. A CPU without native bf16 is not probed.
-It runs fp32 NCHW, the path it has always run. Weights, optimiser state and losses stay fp32
-under autocast.
+write the same artifacts; delete the file to probe again. On a CPU without native bf16 a loop
+keeps fp32 NCHW unless channels-last is `MARGIN` faster, so such a CPU is never slower than fp32
+NCHW. Weights, optimiser state and losses stay fp32 under autocast.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ class Format:
 
 
 CANDIDATES = (Format(None, False), Format(None, True), Format(torch.bfloat16, False), Format(torch.bfloat16, True))
+FP32_CANDIDATES = CANDIDATES[:2]  # what a CPU without native bf16 is probed over
 
 
 def cpu_info() -> tuple[str, list[str]]:
@@ -110,23 +113,23 @@ def _choose(loop: str, precision: str, device: torch.device, probe: Probe, signa
     if device.type == "cuda":
         return Format(torch.bfloat16, True, "auto on CUDA: tensor cores, cuDNN's NHWC kernels")
     model, flags = cpu_info()
-    if not flags:
-        return Format(None, False, f"auto on a CPU without native bf16 ({model})")
+    candidates = CANDIDATES if flags else FP32_CANDIDATES
     key_fields = {"loop": loop, "signature": signature, "cpu": model, "flags": flags,
                   "torch": torch.__version__, "threads": torch.get_num_threads()}
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_path()
     cache = _read_cache(path)
     if key not in cache:
-        seconds = _time_all(probe)
+        seconds = _time_all(probe, candidates)
         cache[key] = {**key_fields, "seconds": seconds, "chosen": _fastest(seconds)}
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, cache)
     entry = cache[key]
     chosen = next(fmt for fmt in CANDIDATES if fmt.name == entry["chosen"])
     timings = ", ".join(f"{name} {s * 1e3:.0f} ms" for name, s in entry["seconds"].items())
+    what = ", ".join(flags) if flags else "no native bf16: fp32 only"
     return Format(chosen.amp_dtype, chosen.channels_last,
-                  f"auto on {model} ({', '.join(flags)}): fastest per step of {timings}; cached in {path}")
+                  f"auto on {model} ({what}): fastest per step of {timings}; cached in {path}")
 
 
 def step_probe(modules: dict[str, torch.nn.Module], step: Callable[..., torch.Tensor], device: torch.device) -> Probe:
@@ -161,13 +164,13 @@ def loop_rate(loop: str, flops_per_step: float, steps: int, seconds: float) -> s
     return f"{loop} loop: {steps} steps of {flops_per_step / 1e9:.4g} GFLOP in {seconds:.2f} s: {rate:.1f} GFLOP/s"
 
 
-def _time_all(probe: Probe) -> dict[str, float]:
+def _time_all(probe: Probe, candidates: tuple[Format, ...] = CANDIDATES) -> dict[str, float]:
     """Fastest of PROBE_STEPS timed steps per candidate, after a warm-up step of each (oneDNN builds
     its kernels on the first call). The candidates take turns, so none is timed while the machine
     is still warming up or under a passing load that the others do not see. A step slower than
     `LONG_STEP_S` (a real-size model on a CPU) is timed once per candidate: it is long enough to
     measure, and the probe stays a small part of the stage."""
-    runs = {fmt.name: probe(fmt) for fmt in CANDIDATES}
+    runs = {fmt.name: probe(fmt) for fmt in candidates}
     warm = {}
     for name, run in runs.items():
         start = time.perf_counter()
@@ -189,10 +192,11 @@ def _fastest(seconds: dict[str, float]) -> str:
     bf16, instead of to whichever the probe happened to time faster: on a 2-core AMD EPYC, two
     fresh probes of the small CLIP's loop timed fp32 and bf16 channels-last at 27 / 28 ms and
     25.6 / 23.6 ms, and picking the faster of each pair trained different weights."""
-    chosen = CANDIDATES[0].name
-    for fmt in CANDIDATES[1:]:
-        if seconds[fmt.name] * MARGIN < seconds[chosen]:
-            chosen = fmt.name
+    order = [fmt.name for fmt in CANDIDATES if fmt.name in seconds]  # the timed ones, fp32 NCHW first
+    chosen = order[0]
+    for name in order[1:]:
+        if seconds[name] * MARGIN < seconds[chosen]:
+            chosen = name
     return chosen
 
 

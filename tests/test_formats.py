@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from clipdistill import formats
-from clipdistill.formats import CANDIDATES, MARGIN, Format, choose_format, step_probe
+from clipdistill.formats import CANDIDATES, FP32_CANDIDATES, MARGIN, Format, choose_format, step_probe
 
 CPU = torch.device("cpu")
 
@@ -26,13 +26,16 @@ def native_bf16(monkeypatch):
     monkeypatch.setattr(formats, "cpu_info", lambda: ("Test CPU", ["avx512_bf16"]))
 
 
-def fake_timings(monkeypatch, seconds: dict[str, float]) -> list[int]:
-    """Make the probe's timing return `seconds` per format name; returns a list that counts the probes."""
+def fake_timings(monkeypatch, seconds: dict[str, float], timed: list | None = None) -> list[int]:
+    """Make the probe's timing return `seconds` per format name, for the formats it is asked to time
+    (their names appended to `timed`, a list per probe); returns a list that counts the probes."""
     probes = []
 
-    def fake_time_all(probe):
+    def fake_time_all(probe, candidates=CANDIDATES):
         probes.append(1)
-        return dict(seconds)
+        if timed is not None:
+            timed.append([fmt.name for fmt in candidates])
+        return {fmt.name: seconds[fmt.name] for fmt in candidates}
     monkeypatch.setattr(formats, "_time_all", fake_time_all)
     return probes
 
@@ -45,11 +48,22 @@ def test_explicit_precisions_and_cuda_never_probe(cache):
     assert not cache.exists()
 
 
-def test_a_cpu_without_native_bf16_keeps_fp32_nchw_without_probing(cache, monkeypatch):
+def test_a_cpu_without_native_bf16_times_the_fp32_formats_only(cache, monkeypatch):
     monkeypatch.setattr(formats, "cpu_info", lambda: ("Old CPU", []))
-    fmt = choose_format("loop", "auto", CPU, never, {})
-    assert (fmt.amp_dtype, fmt.channels_last) == (None, False)
-    assert "without native bf16" in fmt.why and not cache.exists()
+    timed = []
+    # bf16 would win on these timings, but such a CPU only emulates it: it is never timed
+    fake_timings(monkeypatch, {"fp32 NCHW": 1.0, "fp32 channels-last": 0.5, "bf16 NCHW": 0.1,
+                               "bf16 channels-last": 0.1}, timed)
+    fmt = choose_format("loop", "auto", CPU, lambda f: None, {})
+    assert fmt.name == "fp32 channels-last" and timed == [["fp32 NCHW", "fp32 channels-last"]]
+    assert "Old CPU (no native bf16: fp32 only)" in fmt.why
+    assert set(next(iter(json.loads(cache.read_text()).values()))["seconds"]) == {"fp32 NCHW", "fp32 channels-last"}
+
+
+def test_a_cpu_without_native_bf16_keeps_fp32_nchw_unless_channels_last_is_clearly_faster(cache, monkeypatch):
+    monkeypatch.setattr(formats, "cpu_info", lambda: ("Old CPU", []))
+    fake_timings(monkeypatch, {"fp32 NCHW": 1.0, "fp32 channels-last": 1.0 / MARGIN + 0.01})
+    assert choose_format("loop", "auto", CPU, lambda f: None, {}).name == "fp32 NCHW"
 
 
 def test_the_fastest_format_wins_and_the_answer_is_cached(cache, native_bf16, monkeypatch):
@@ -107,6 +121,15 @@ def test_a_real_probe_picks_one_of_the_candidates(cache, native_bf16, gen):
     assert set(next(iter(json.loads(cache.read_text()).values()))["seconds"]) == {c.name for c in CANDIDATES}
 
 
+def test_a_real_probe_on_a_cpu_without_native_bf16_times_two_formats(cache, monkeypatch, gen):
+    monkeypatch.setattr(formats, "cpu_info", lambda: ("Old CPU", []))
+    conv = torch.nn.Conv2d(3, 8, 3)
+    x = torch.rand(2, 3, 16, 16, generator=gen)
+    fmt = choose_format("conv", "auto", CPU, step_probe({"conv": conv}, lambda conv: conv(x), CPU), {})
+    assert fmt.amp_dtype is None and fmt.name in {c.name for c in FP32_CANDIDATES}
+    assert set(next(iter(json.loads(cache.read_text()).values()))["seconds"]) == {c.name for c in FP32_CANDIDATES}
+
+
 class FakeRanks:
     """A Dist stand-in that records when its barrier is called relative to the probe."""
 
@@ -121,7 +144,7 @@ def test_under_torchrun_rank_0_probes_and_the_others_read_its_answer_after_the_b
                                                                                        monkeypatch):
     events = []
     seconds = {"fp32 NCHW": 1.0, "fp32 channels-last": 0.5, "bf16 NCHW": 1.0, "bf16 channels-last": 1.0}
-    monkeypatch.setattr(formats, "_time_all", lambda probe: events.append("probe") or dict(seconds))
+    monkeypatch.setattr(formats, "_time_all", lambda probe, candidates: events.append("probe") or dict(seconds))
     first = choose_format("loop", "auto", CPU, lambda f: None, {}, FakeRanks(0, events))
     other = choose_format("loop", "auto", CPU, never, {}, FakeRanks(1, events))
     assert events == ["probe", "barrier 0", "barrier 1"]  # rank 1 passes its barrier only once rank 0 has cached

@@ -23,8 +23,9 @@ any batching can give at the same FLOPs. The last line is the figure: `batched/l
 (clipdistill/formats.py: bf16 and channels-last on CUDA; on a CPU with native bf16 the fastest of
 fp32/bf16 x NCHW/channels-last in a short probe, cached per machine; on other CPUs the faster of
 fp32 NCHW and fp32 channels-last) and prints the choice. --precision bf16 runs decoding and the
-teacher under bf16 autocast (latents, Adam and the loss stay fp32); fp32 runs without autocast. The ceiling's matmul runs in the chosen
-precision, and the line before the figure gives the batched step's share of that rate.
+teacher under bf16 autocast (latents, Adam and the loss stay fp32); fp32 runs without autocast.
+The ceiling's matmul runs in the chosen precision, and the line before the figure gives the batched
+step's share of that rate.
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 # clone of this commit with `seed: K` in params.yaml, its own `dvc repro` (world, teacher, generator
 # and synthesis all reseeded), then the four prompts.method values as DVC experiments; then each
 # method's mean ± (max - min) / 2 over the seeds. A seed whose `dvc exp show --json` is on disk is
-# not rerun, so a killed sweep resumes at the seed it was on. The table has a row for each method
+# not rerun, so a killed sweep resumes at the seed it was on. The clones share this checkout's DVC
+# cache, so a seed whose stages are already in it (seed 0, after the default's `dvc repro` here)
+# checks its outputs out instead of recomputing them. The table has a row for each method
 # with STUDENT, and one for the default run itself (vanilla prompts, the default student).
 #   STUDENT=cnn bash experiments/prompts_seeds.sh                 # seeds 0 1 2 under ../prompt-seeds
 #   STUDENT=cnn SEEDS="0 1 2 3 4" bash experiments/prompts_seeds.sh /tmp/sweep
@@ -12,6 +14,7 @@
 # 2-core CPU. The clones are of the committed HEAD, hence lib.sh's refusal of uncommitted edits.
 source "$(dirname "$0")/lib.sh"
 ROOT="$(pwd)"
+CACHE="$(dvc cache dir)"   # shared with the clones
 WORK="$(realpath -m "${1:-$ROOT/../prompt-seeds}")"
 SEEDS="${SEEDS:-0 1 2}"
 PARAMS="${PARAMS:+$(realpath "$PARAMS")}"   # a committed params file to run instead of params.yaml
@@ -24,6 +27,7 @@ for k in $SEEDS; do
   git clone -q "$ROOT" "$clone"
   (
     cd "$clone"
+    dvc cache dir --local "$CACHE"
     if [ -n "$PARAMS" ]; then cp "$PARAMS" params.yaml; fi
     sed -i "s/^seed: .*/seed: $k/" params.yaml
     grep -q "^seed: $k\$" params.yaml || { echo "error: params.yaml has no top-level 'seed:' line to set" >&2; exit 1; }

@@ -19,8 +19,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from .progress import progress as progress_bar
 from .runtime import Dist, load_weights, save_atomic
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -237,7 +237,7 @@ def run_steps(step_fn: Callable[[int], float], total: int, *, state: dict, gener
         set_rng_state(saved["rng"], generators)
         losses, start = list(saved["losses"]), int(saved["step"])
         print(f"{desc}: resuming from step {start} of {total} ({checkpoints.folder})")
-    bar = tqdm(total=total, initial=start, desc=desc, disable=None if progress else True)
+    bar = progress_bar(total, initial=start, desc=desc, unit="step", enabled=progress)
     for step in range(start, total):
         losses.append(step_fn(step))
         if after_step is not None:

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-from tqdm import tqdm
+from .progress import progress
 
 CLASSES: tuple[str, ...] = ("circle", "triangle", "square", "star", "heart", "cross", "crescent")
 EVAL_DOMAINS: tuple[str, ...] = ("photo", "painting", "cartoon", "sketch")
@@ -574,8 +574,7 @@ def render_split(root: pathlib.Path, split: str, classes: Sequence[str], styles:
     out = pathlib.Path(root) / split
     rows: list[tuple[str, str, str, str]] = []
     count = 0
-    with tqdm(total=len(styles) * len(classes) * per_class_style, desc=f"render {split}",
-              unit="img", disable=None) as bar:
+    with progress(len(styles) * len(classes) * per_class_style, desc=f"render {split}", unit="img") as bar:
         for style in styles:
             for cls in classes:
                 cell = out / style / cls

@@ -22,12 +22,12 @@ from dataclasses import asdict
 
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from clipdistill.clip_models import fold_batchnorm, load_clip
 from clipdistill.diversity import ClassSums, diversity_report
 from clipdistill.formats import choose_format, loop_rate, step_flops
 from clipdistill.params import load_params
+from clipdistill.progress import progress
 from clipdistill.prompts import load_prompts
 from clipdistill.runtime import atomic_dir, init_distributed, run_stage, setup_torch, stage_args, write_json
 from clipdistill.resumable import remove_work_dir, work_dir, work_key
@@ -102,8 +102,8 @@ def main():
     rank_label = f"rank {dist.rank}/{dist.processes}: " if dist.processes > 1 else ""
     print(f"synthesize: {rank_label}{len(rank_shards)} shards, {len(rank_shards) - len(todo)} already done "
           f"(work key {key})")
-    bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in todo), desc="synthesize", unit="img",
-               disable=None if dist.main else True)
+    bar = progress(sum(ranges[i][1] - ranges[i][0] for i in todo), desc="synthesize", unit="img",
+                   enabled=dist.main)
     labels = torch.tensor(table["label"].to_numpy(), device=device)
     start = time.perf_counter()
     for i in todo:

@@ -4,10 +4,13 @@
     dvc exp show --json | python -m clipdistill.report --by prompts.method
     dvc exp show --json | python -m clipdistill.report --students   # students x image sources
     python -m clipdistill.report --by prompts.method seed0.json seed1.json seed2.json   # over seeds
+    python -m clipdistill.report --against vanilla seed0.json seed1.json seed2.json     # + leads per seed
 
 With several files (one `dvc exp show --json` per whole-pipeline seed, as
 experiments/prompts_seeds.sh writes them), the rows of equal `--by` value and student are pooled
 across files: each cell is the mean ± (max - min) / 2 over the seeds, and `seeds` counts them.
+`--against VALUE` adds the paired comparison: each row's mean and worst domain per seed, and its
+lead over the row of `--by` VALUE and the same student in the same seed, per seed and pooled.
 
 Columns: the swept param (`--by`), student accuracy per evaluation domain, mean, worst domain,
 prompt diversity and image diversity (mean pairwise cosine distance of the prompts' text features
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
 
 METRICS = "artifacts/eval/metrics.json"
@@ -89,20 +93,29 @@ def mean_spread(values: list[float]) -> str:
     return f"{mean:.3f} ± {(max(values) - min(values)) / 2:.3f}"
 
 
+def _by_seed(runs: list[list[dict]], by: str) -> dict[tuple[str, str], dict[int, dict]]:
+    """{(``by`` value, distill.student): {seed index: its run}}, keys in first-seen order, each seed
+    counted once per key (its first row: a seed's baseline and its experiment of the same params are
+    one run)."""
+    groups: dict[tuple[str, str], dict[int, dict]] = {}
+    for k, rows in enumerate(runs):
+        for r in rows:
+            key = (str(_get(r["params"], by)), str(_get(r["params"], "distill.student")))
+            groups.setdefault(key, {}).setdefault(k, r)
+    return groups
+
+
+def _mean_worst(run: dict) -> tuple[float, float]:
+    student = run["metrics"][METRICS]["student"]
+    return student["mean"], min(v for d, v in student.items() if d != "mean")
+
+
 def seed_table(runs: list[list[dict]], by: str = "prompts.method") -> str:
     """Markdown pooling several seeds' experiments: ``runs`` holds one ``experiments()`` list per seed.
     One line per (``by`` value, distill.student), in first-seen order; every cell is mean ± half-range
     over the seeds that ran it, each seed counted once (its first row of that key). The worst domain
     is taken per seed, then pooled."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for rows in runs:
-        seen = set()
-        for r in rows:
-            key = (str(_get(r["params"], by)), str(_get(r["params"], "distill.student")))
-            if key in seen:  # one seed's baseline and its experiment of the same params: one run
-                continue
-            seen.add(key)
-            groups.setdefault(key, []).append(r)
+    groups = {key: list(seeds.values()) for key, seeds in _by_seed(runs, by).items()}
     if not groups:
         raise ValueError(f"no experiment has {METRICS}; run `dvc exp run` first")
     first = next(iter(groups.values()))[0]
@@ -116,6 +129,37 @@ def seed_table(runs: list[list[dict]], by: str = "prompts.method") -> str:
         cells = [value, student, str(len(rows)), *(mean_spread([a[d] for a in accs]) for d in domains),
                  mean_spread([a["mean"] for a in accs]), mean_spread([min(a[d] for d in domains) for a in accs]),
                  *("-" if None in v else mean_spread(v) for v in divs)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def lead_table(runs: list[list[dict]], by: str, against: str, labels: list[str]) -> str:
+    """Markdown, the paired comparison over seeds: per (``by`` value, student), the mean and, in
+    brackets, the worst domain of each seed (``labels`` name the seeds), then its lead over the
+    ``against`` row of the same student, per seed and as mean ± half-range over the seeds that ran
+    both. A lead smaller than its spread is no finding (docs/results.md)."""
+    groups = _by_seed(runs, by)
+    if not any(value == against for value, _ in groups):
+        raise ValueError(f"no experiment has {by} = {against}")
+    head = [by, "student", *labels, f"lead over {against}: mean", "lead: worst domain"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def leads(values: list[float]) -> str:
+        if not values:
+            return "-"
+        mean, spread = sum(values) / len(values), (max(values) - min(values)) / 2
+        return f"{mean:+.3f} ± {spread:.3f} ({' / '.join(f'{v:+.3f}' for v in values)})"
+
+    for (value, student), seeds in groups.items():
+        cells = [value, student]
+        cells += [("%.3f (%.3f)" % _mean_worst(seeds[k])) if k in seeds else "-" for k in range(len(runs))]
+        base = groups.get((against, student), {})
+        both = [k for k in range(len(runs)) if k in seeds and k in base]
+        if value == against or not both:
+            cells += ["-", "-"]
+        else:
+            pairs = [(_mean_worst(seeds[k]), _mean_worst(base[k])) for k in both]
+            cells += [leads([a[0] - b[0] for a, b in pairs]), leads([a[1] - b[1] for a, b in pairs])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -157,6 +201,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", nargs="*", help="file(s) with `dvc exp show --json` output, one per seed (default: stdin)")
     ap.add_argument("--by", default="prompts.method", help="dotted params key shown first")
+    ap.add_argument("--against", metavar="VALUE", help="with several files: each row's lead over the row of "
+                    "this --by value, per seed (e.g. vanilla)")
     ap.add_argument("--students", action="store_true", help="the students table (docs/results.md, prompt-learning students)")
     args = ap.parse_args(argv)
     texts = [open(path).read() for path in args.json] if args.json else [sys.stdin.read()]
@@ -166,6 +212,9 @@ def main(argv=None):
             if args.students:
                 raise ValueError("--students reads one `dvc exp show --json`; pool seeds with --by")
             print(seed_table(runs, args.by))
+            if args.against is not None:
+                labels = [pathlib.Path(path).stem for path in args.json]
+                print("\n" + lead_table(runs, args.by, args.against, labels))
         else:
             print(student_table(runs[0]) if args.students else table(runs[0], args.by))
     except (ValueError, KeyError) as exc:

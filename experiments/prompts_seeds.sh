@@ -6,7 +6,8 @@
 # not rerun, so a killed sweep resumes at the seed it was on. The clones share this checkout's DVC
 # cache, so a seed whose stages are already in it (seed 0, after the default's `dvc repro` here)
 # checks its outputs out instead of recomputing them. The table has a row for each method
-# with STUDENT, and one for the default run itself (vanilla prompts, the default student).
+# with STUDENT, and one for the default run itself (vanilla prompts, the default student); a second
+# table pairs each method with vanilla seed by seed (its lead per seed, and their mean ± spread).
 #   STUDENT=cnn bash experiments/prompts_seeds.sh                 # seeds 0 1 2 under ../prompt-seeds
 #   STUDENT=cnn SEEDS="0 1 2 3 4" bash experiments/prompts_seeds.sh /tmp/sweep
 #   PARAMS=tests/tiny_params.yaml SEEDS="0 1" bash experiments/prompts_seeds.sh /tmp/tiny   # another params file
@@ -44,4 +45,4 @@ for k in $SEEDS; do
 done
 files=()
 for k in $SEEDS; do files+=("$WORK/seed$k.json"); done
-python -m clipdistill.report --by prompts.method "${files[@]}"
+python -m clipdistill.report --by prompts.method --against vanilla "${files[@]}"

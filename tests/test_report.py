@@ -83,3 +83,32 @@ def test_seed_table_pools_each_method_and_student_over_files(tmp_path, capsys):
                      "| 0.300 ± 0.000 | 0.200 ± 0.000 |")
     with pytest.raises(SystemExit, match="--students reads one"):
         report.main(["--students", *map(str, paths)])
+
+
+def test_lead_table_pairs_each_seed_with_its_own_baseline(tmp_path, capsys):
+    def seed(vanilla, mix):
+        runs = []
+        for method, (photo, sketch) in (("vanilla", vanilla), ("mix", mix)):
+            r = rev(f"cnn-{method}", method, {"photo": photo, "sketch": sketch, "mean": (photo + sketch) / 2})
+            r["data"]["params"]["params.yaml"]["data"]["distill"] = {"student": "cnn"}
+            runs.append({"name": method, "revs": [r]})
+        base = rev("main", "vanilla", {"photo": 0.9, "sketch": 0.9, "mean": 0.9})  # another student: its own row
+        base["data"]["params"]["params.yaml"]["data"]["distill"] = {"student": "kdpl"}
+        return [{**base, "experiments": runs}]
+    paths = []
+    # mix leads on seeds a and c and trails on b
+    for name, vanilla, mix in (("a", (0.2, 0.4), (0.6, 0.4)), ("b", (0.8, 0.6), (0.6, 0.6)), ("c", (0.5, 0.3), (0.5, 0.5))):
+        paths.append(tmp_path / f"seed-{name}.json")
+        paths[-1].write_text(json.dumps(seed(vanilla, mix)))
+    report.main(["--against", "vanilla", *map(str, paths)])
+    md = capsys.readouterr().out.split("\n\n")[1].splitlines()
+    assert md[0] == ("| prompts.method | student | seed-a | seed-b | seed-c | lead over vanilla: mean "
+                     "| lead: worst domain |")
+    rows = {tuple(line.split(" | ")[:2]): line for line in md[2:]}
+    assert rows[("| vanilla", "cnn")] == "| vanilla | cnn | 0.300 (0.200) | 0.700 (0.600) | 0.400 (0.300) | - | - |"
+    # leads of the mean: +0.2, -0.1, +0.1; of the worst domain: +0.2, 0.0, +0.2
+    assert rows[("| mix", "cnn")] == ("| mix | cnn | 0.500 (0.400) | 0.600 (0.600) | 0.500 (0.500) "
+                                      "| +0.067 ± 0.150 (+0.200 / -0.100 / +0.100) | +0.133 ± 0.100 (+0.200 / +0.000 / +0.200) |")
+    assert rows[("| vanilla", "kdpl")].endswith("| - | - |")  # no kdpl row to lead over but itself
+    with pytest.raises(SystemExit, match="no experiment has prompts.method = contrastive"):
+        report.main(["--against", "contrastive", *map(str, paths)])

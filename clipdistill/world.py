@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
 from .progress import progress
 
 CLASSES: tuple[str, ...] = ("circle", "triangle", "square", "star", "heart", "cross", "crescent")

@@ -87,10 +87,11 @@ def table(rows: list[dict], by: str = "prompts.method") -> str:
     return "\n".join(lines)
 
 
-def mean_spread(values: list[float]) -> str:
-    """mean ± (max - min) / 2, the project's seed-spread convention (docs/results.md)."""
+def mean_spread(values: list[float], signed: bool = False) -> str:
+    """mean ± (max - min) / 2, the project's seed-spread convention (docs/results.md); `signed`
+    writes the mean's sign (leads)."""
     mean = sum(values) / len(values)
-    return f"{mean:.3f} ± {(max(values) - min(values)) / 2:.3f}"
+    return f"{mean:{'+' if signed else ''}.3f} ± {(max(values) - min(values)) / 2:.3f}"
 
 
 def _by_seed(runs: list[list[dict]], by: str) -> dict[tuple[str, str], dict[int, dict]]:
@@ -145,10 +146,7 @@ def lead_table(runs: list[list[dict]], by: str, against: str, labels: list[str])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def leads(values: list[float]) -> str:
-        if not values:
-            return "-"
-        mean, spread = sum(values) / len(values), (max(values) - min(values)) / 2
-        return f"{mean:+.3f} ± {spread:.3f} ({' / '.join(f'{v:+.3f}' for v in values)})"
+        return f"{mean_spread(values, signed=True)} ({' / '.join(f'{v:+.3f}' for v in values)})"
 
     for (value, student), seeds in groups.items():
         cells = [value, student]
@@ -208,6 +206,8 @@ def main(argv=None):
     texts = [open(path).read() for path in args.json] if args.json else [sys.stdin.read()]
     try:
         runs = [experiments(json.loads(text)) for text in texts]
+        if args.against is not None and len(runs) < 2:
+            raise ValueError("--against pairs seeds: give two or more `dvc exp show --json` files")
         if len(runs) > 1:
             if args.students:
                 raise ValueError("--students reads one `dvc exp show --json`; pool seeds with --by")

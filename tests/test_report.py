@@ -112,3 +112,5 @@ def test_lead_table_pairs_each_seed_with_its_own_baseline(tmp_path, capsys):
     assert rows[("| vanilla", "kdpl")].endswith("| - | - |")  # no kdpl row to lead over but itself
     with pytest.raises(SystemExit, match="no experiment has prompts.method = contrastive"):
         report.main(["--against", "contrastive", *map(str, paths)])
+    with pytest.raises(SystemExit, match="--against pairs seeds"):
+        report.main(["--against", "vanilla", str(paths[0])])

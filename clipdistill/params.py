@@ -503,6 +503,11 @@ def _check_architectures(params: Params) -> None:
     if any(wd % _GROUPNORM_GROUPS for wd in [params.generator.ch, *widths]):
         raise ParamsError(f"params keys 'generator.ch' ({params.generator.ch}) x 'generator.ch_mult' ({params.generator.ch_mult}) must all be "
                           f"multiples of {_GROUPNORM_GROUPS} (taming's blocks use GroupNorm({_GROUPNORM_GROUPS}))")
+    if params.generator.num_res_blocks == 0 and any(m != 1 for m in params.generator.ch_mult[:-1]):
+        # taming's Encoder widens a level only inside its res blocks; with none, a widened level's
+        # downsample gets the previous width and fails mid-training (GroupNorm shape error)
+        raise ParamsError(f"params key 'generator.ch_mult' is {params.generator.ch_mult}: with 'generator.num_res_blocks' 0 "
+                          f"every entry but the last must be 1 (taming's encoder widens only in res blocks)")
     factor = 2 ** (len(params.generator.ch_mult) - 1)
     if size % factor:
         raise ParamsError(f"params key 'world.image_size' is {size}, not divisible by the VQGAN's downsampling "

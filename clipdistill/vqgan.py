@@ -261,6 +261,10 @@ def _validate_config(cfg: VQGANConfig) -> None:
             f"VQGANConfig: ch={cfg.ch} * ch_mult={cfg.ch_mult} must all be multiples of {_GROUPNORM_GROUPS} "
             "(taming uses GroupNorm(32))"
         )
+    if cfg.num_res_blocks == 0 and any(m != 1 for m in cfg.ch_mult[:-1]):
+        # taming's Encoder widens a level only inside its res blocks: with none, the next level's
+        # downsample is built for a width it never gets
+        raise ValueError(f"VQGANConfig: with num_res_blocks=0 every ch_mult entry but the last must be 1, got {cfg.ch_mult}")
     f = 2 ** (len(cfg.ch_mult) - 1)
     if cfg.resolution % f:
         raise ValueError(f"VQGANConfig: resolution {cfg.resolution} is not divisible by downsample factor {f}")

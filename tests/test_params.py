@@ -87,6 +87,8 @@ def test_allowed_values_come_from_the_registries():
     (lambda r: r["teacher"].update(batch_size=5000), "teacher.batch_size"),  # 8 styles x 80 x 7 = 4480
     (lambda r: r["teacher"].update(text_heads=3), "teacher.text_width"),
     (lambda r: r["generator"].update(ch=16), "generator.ch"),
+    # taming's encoder widens only in res blocks: none per level and a widened middle level cannot build
+    (lambda r: r["generator"].update(ch_mult=[1, 2, 2], num_res_blocks=0), "generator.ch_mult"),
 ])
 def test_bad_params_fail_with_one_line_naming_the_key(mutate, needle):
     r = raw()

@@ -115,6 +115,14 @@ def test_config_rejects_channels_groupnorm_cannot_split():
         VQGAN(tiny_cfg(ch=16))
 
 
+def test_config_without_res_blocks_widens_only_the_last_level():
+    # taming's encoder widens only in its res blocks: (1, 2, 2) with none cannot build a forward pass
+    with pytest.raises(ValueError, match="num_res_blocks=0"):
+        VQGAN(tiny_cfg(ch_mult=(1, 2, 2), num_res_blocks=0))
+    model = VQGAN(tiny_cfg(ch_mult=(1, 1, 2), num_res_blocks=0))  # the last entry may widen
+    assert model(torch.zeros(2, 3, 16, 16))[0].shape == (2, 3, 16, 16)
+
+
 def test_training_lowers_loss_and_raises_psnr():
     imgs = coloured_squares()
     model = tiny_model()

@@ -15,8 +15,8 @@ Run from the repo root, e.g.
   python benchmarks/synthesis.py --setting real --device cuda
   python benchmarks/synthesis.py --setting real --device cuda --precision bf16   # as the stage runs on CUDA
   python benchmarks/synthesis.py --setting embedded --batch 2 --steps 1   # smoke run
-Each mode is timed --repeats times and the fastest run counts. The line before the figure is the
-ceiling: a dense fp32 matmul's GFLOP/s on this machine over the loop's achieved GFLOP/s, the most
+Each mode is timed --repeats times and the fastest run counts, and so is the ceiling. The line
+before the figure is the ceiling: a dense fp32 matmul's GFLOP/s on this machine over the loop's achieved GFLOP/s, the most
 any batching can give at the same FLOPs. The last line is the figure: `batched/loop speedup: N.Nx`.
 
 --precision auto (the default) picks the precision and memory format as the synthesize stage does
@@ -192,7 +192,7 @@ def main():
     # The ceiling of batching: the batched step cannot run its FLOPs faster than a large dense
     # matmul, so batched/loop can be at most (peak GFLOP/s) / (the loop's GFLOP/s) on this machine.
     with autocast(device, args.amp_dtype):  # bf16: the matmul runs in bf16, as the synthesis step's do
-        peak = dense_matmul_gflops(device)
+        peak = dense_matmul_gflops(device, trials=args.repeats)  # fastest of N, as the modes are
     loop_gflops = rows[1][4] * flops / 1e9
     print(f"dense {precision} matmul peak {peak:.1f} GFLOP/s: batched at that rate would be {peak / loop_gflops:.1f}x "
           f"the loop (the most batching can give here)")

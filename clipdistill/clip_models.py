@@ -23,8 +23,8 @@ CLIP_SOURCES = ("embedded", "open_clip")  # `teacher.source`, `student_clip.sour
 
 
 class ConvImageTower(nn.Module):
-    """A small VGG-style image tower for the embedded teacher: 4 conv stages (3x3 conv, BN, ReLU,
-    2x2 pool) at width w, 2w, 4w, 4w, global average pool, linear to the embedding.
+    """A small VGG-style image tower for the embedded teacher: 4 conv stages (3x3 conv, BN, 2x2 max
+    pool, ReLU) at width w, 2w, 4w, 4w, global average pool, linear to the embedding.
 
     A ViT trained from scratch on a few thousand 32 px images learns shape far too slowly for a
     CPU budget of minutes; a conv tower learns it in a few epochs. open_clip's CLIP calls
@@ -38,8 +38,12 @@ class ConvImageTower(nn.Module):
         chans = [3, width, 2 * width, 4 * width, 4 * width]
         layers = []
         for cin, cout in zip(chans[:-1], chans[1:]):
-            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                       nn.MaxPool2d(2)]
+            # Pool before ReLU: the same function and gradients, bit for bit (ReLU is monotone, so it
+            # commutes with max, and ties resolve alike), with the ReLU and its backward on a quarter
+            # of the elements. These passes are memory-bound: 5 % of a synthesis step on a 2-core CPU.
+            # Neither layer has parameters, so state-dict keys are as before.
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.MaxPool2d(2),
+                       nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)
         self.proj = nn.Linear(chans[-1], embed_dim)
 

@@ -98,3 +98,36 @@ def test_each_clip_normalises_with_its_own_preprocess_config():
     embedded = tiny_clip()
     assert embedded.mean.flatten().tolist() == pytest.approx(list(CLIP_MEAN))
     assert embedded.prep.resize_mode == "shortest"
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_tower_pools_before_relu_bit_for_bit(channels_last):
+    """The tower's pool-then-ReLU stages give the activations and gradients (input and weights, in
+    training mode) of the VGG order conv, BN, ReLU, pool exactly, ties included (a flat image)."""
+    from torch import nn
+
+    from clipdistill.clip_models import ConvImageTower
+
+    torch.manual_seed(0)
+    ours = ConvImageTower(embed_dim=8, width=8, image_size=16)
+    vgg = ConvImageTower(embed_dim=8, width=8, image_size=16)
+    layers = list(vgg.features)
+    for i in range(0, len(layers), 4):  # conv, BN, pool, ReLU -> conv, BN, ReLU, pool
+        layers[i + 2], layers[i + 3] = layers[i + 3], layers[i + 2]
+    vgg.features = nn.Sequential(*layers)
+    vgg.load_state_dict(ours.state_dict())  # the same keys: the swapped layers have no parameters
+    assert isinstance(ours.features[2], nn.MaxPool2d) and isinstance(vgg.features[2], nn.ReLU)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ours, vgg = ours.to(memory_format=fmt), vgg.to(memory_format=fmt)
+    x = torch.randn(4, 3, 16, 16)
+    x[0] = 0.5  # a flat image: every pool window ties
+    outs, grads = [], []
+    for tower in (ours, vgg):
+        xi = x.clone().contiguous(memory_format=fmt).requires_grad_(True)
+        out = tower(xi)
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append([xi.grad] + [p.grad for p in tower.parameters()])
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

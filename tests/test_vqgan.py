@@ -246,3 +246,12 @@ def test_load_checkpoint_errors_name_the_path(tmp_path):
     torch.save({"state_dict": {"foo": torch.zeros(1)}, "config": asdict(tiny_cfg())}, wrong_keys)
     with pytest.raises(ValueError, match="wrong_keys.pt"):
         load_checkpoint(wrong_keys)
+
+
+def test_taming_blocks_run_the_fused_swish():
+    """Importing clipdistill.vqgan points taming's swish at F.silu: the same function, one kernel."""
+    import taming.modules.diffusionmodules.model as taming_model
+
+    assert taming_model.nonlinearity is torch.nn.functional.silu
+    x = torch.randn(1000) * 6
+    torch.testing.assert_close(taming_model.nonlinearity(x), x * torch.sigmoid(x))

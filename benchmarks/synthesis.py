@@ -97,6 +97,15 @@ def run(vqgan, teacher, targets, first_id: int, args, latent_hw, steps: int) -> 
                             generator=step_gen, amp_dtype=args.amp_dtype)
 
 
+def choose_benchmark_format(args, device, vqgan, teacher, targets, size: int, latent_hw):
+    """The precision and memory format for --precision, probed (and cached) as the synthesize stage does."""
+    return choose_format("synthesis benchmark", args.precision, device,
+                         synthesis_probe(vqgan, teacher, targets, lr=0.1, cutn=args.cutn, cut_pow=1.0, min_cut=0.5,
+                                         augment=True, latent_hw=latent_hw),
+                         {"setting": args.setting, "batch": args.batch, "cutn": args.cutn, "image_size": size,
+                          "teacher": teacher.spec, "vqgan": str(vqgan.cfg)})
+
+
 def flops_per_image_step(vqgan, teacher, targets, args, latent_hw) -> float:
     """Convolution and matmul FLOPs (forward + backward) of one optimisation step per image.
 
@@ -148,11 +157,7 @@ def main():
     latent_hw = (size // f, size // f)
     gen = torch.Generator().manual_seed(args.seed)
     targets = F.normalize(torch.randn(args.batch, teacher.embed_dim, generator=gen), dim=-1).to(device)
-    fmt = choose_format("synthesis benchmark", args.precision, device,
-                        synthesis_probe(vqgan, teacher, targets, lr=0.1, cutn=args.cutn, cut_pow=1.0, min_cut=0.5,
-                                        augment=True, latent_hw=latent_hw),
-                        {"setting": args.setting, "batch": args.batch, "cutn": args.cutn, "image_size": size,
-                         "teacher": teacher.spec, "vqgan": str(vqgan.cfg)})
+    fmt = choose_benchmark_format(args, device, vqgan, teacher, targets, size, latent_hw)
     args.amp_dtype = fmt.amp_dtype
     vqgan, teacher = fmt.apply(vqgan), fmt.apply(teacher)
     precision = "bf16" if fmt.amp_dtype is not None else "fp32"

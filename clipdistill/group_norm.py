@@ -75,11 +75,17 @@ class _GroupNormFunction(torch.autograd.Function):
         return dx, d_weight, d_bias, None, None
 
 
+# Below this many elements the dozen small ops of the closed form cost more than torch's one kernel
+# (at [2, 32, 16, 16]: 0.46 against 0.41 ms); at the decoder's [64, 32, 8, 8] (131k) they cost half.
+MIN_ELEMENTS = 2**16
+
+
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm that takes the fast path for 4-d channels-last fp32 CPU input (module docstring)."""
+    """nn.GroupNorm that takes the fast path for large 4-d channels-last fp32 CPU input (module docstring)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and self.affine
+                and x.numel() >= MIN_ELEMENTS
                 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
             return _GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
         return super().forward(x)

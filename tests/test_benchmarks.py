@@ -150,3 +150,19 @@ def test_compile_benchmark_figure_is_the_stages_steps_times_the_step_gain_less_t
     assert final, lines[5]
     net = float(final.group(2)) * (1 if final.group(1) == "saves" else -1)
     assert net == pytest.approx(steps * (eager - compiled) / 1e3 - cost, abs=1.0)
+
+
+def test_synthesis_ops_benchmark_reports_each_speedup_from_its_table():
+    lines = run_script("synthesis_ops.py", "--batch", "2", "--steps", "1", "--cutn", "1", "--rounds", "1")
+    rows = {}
+    for ln in lines:
+        m = re.fullmatch(r"(as run|torch GroupNorm|x\*sigmoid\(x\)|ReLU then pool)\s+(\d+\.\d)\s+(\d+\.\d)", ln)
+        if m:
+            rows[m.group(1)] = float(m.group(2))
+    assert set(rows) == {"as run", "torch GroupNorm", "x*sigmoid(x)", "ReLU then pool"}
+    assert any(ln.startswith("GroupNorm(") and "ours channels-last" in ln for ln in lines)
+    m = re.fullmatch(r"speed-up over torch GroupNorm, x\*sigmoid\(x\), ReLU then pool: "
+                     r"(\d+\.\d\d)x, (\d+\.\d\d)x, (\d+\.\d\d)x", lines[-1])
+    assert m, lines[-1]
+    for got, name in zip(m.groups(), ("torch GroupNorm", "x*sigmoid(x)", "ReLU then pool")):
+        assert float(got) == pytest.approx(rows[name] / rows["as run"], abs=0.02)

@@ -9,6 +9,12 @@ from clipdistill.group_norm import GroupNorm, fast_group_norm
 from clipdistill.vqgan import VQGAN, VQGANConfig
 
 
+@pytest.fixture(autouse=True)
+def every_size(monkeypatch):
+    """The fast path at any size (it is skipped below MIN_ELEMENTS, where it would not pay)."""
+    monkeypatch.setattr("clipdistill.group_norm.MIN_ELEMENTS", 0)
+
+
 def _inputs(n, c, h, w, offset):
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(n, c, h, w, generator=gen) * 2 + offset).contiguous(memory_format=torch.channels_last)
@@ -56,6 +62,9 @@ def test_other_inputs_take_torch_kernel(monkeypatch):
     assert calls == []
     norm(torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last))
     assert len(calls) == 1
+    monkeypatch.setattr("clipdistill.group_norm.MIN_ELEMENTS", 2 * 8 * 4 * 4 + 1)
+    norm(torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last))
+    assert len(calls) == 1  # too small to pay
 
 
 def test_vqgan_uses_it_with_taming_keys():

@@ -15,9 +15,9 @@ Run from the repo root, e.g.
   python benchmarks/synthesis.py --setting real --device cuda
   python benchmarks/synthesis.py --setting real --device cuda --precision bf16   # as the stage runs on CUDA
   python benchmarks/synthesis.py --setting embedded --batch 2 --steps 1   # smoke run
-Each mode is timed --repeats times and the fastest run counts, and so is the ceiling. The line
-before the figure is the ceiling: a dense fp32 matmul's GFLOP/s on this machine over the loop's achieved GFLOP/s, the most
-any batching can give at the same FLOPs. The last line is the figure: `batched/loop speedup: N.Nx`.
+Each mode is timed --repeats times and the fastest run counts, and so is the ceiling's. The line
+before the figure is the ceiling: a dense fp32 matmul's GFLOP/s on this machine over the loop's
+achieved GFLOP/s, the most any batching can give at the same FLOPs. The last line is the figure: `batched/loop speedup: N.Nx`.
 
 --precision auto (the default) picks the precision and memory format as the synthesize stage does
 (clipdistill/formats.py: bf16 and channels-last on CUDA; on a CPU with native bf16 the fastest of

@@ -40,8 +40,8 @@ class ConvImageTower(nn.Module):
         for cin, cout in zip(chans[:-1], chans[1:]):
             # Pool before ReLU: the same function and gradients, bit for bit (ReLU is monotone, so it
             # commutes with max, and ties resolve alike), with the ReLU and its backward on a quarter
-            # of the elements. These passes are memory-bound: 5 % of a synthesis step on a 2-core CPU.
-            # Neither layer has parameters, so state-dict keys are as before.
+            # of the elements: never slower, though within the noise of a synthesis step
+            # (benchmarks/synthesis_ops.py). Neither layer has parameters: state-dict keys are as before.
             layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.MaxPool2d(2),
                        nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)

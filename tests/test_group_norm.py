@@ -30,8 +30,8 @@ def _inputs(n, c, h, w, offset):
     (32, 32, 8, 300.0),   # a large mean: the variance must not cancel
 ])
 def test_matches_torch_group_norm_values_and_gradients(groups, channels, side, offset):
-    """Against torch's GroupNorm in float64 (torch's own channels-last fp32 kernel is off by 2e-2
-    at the large offset: it cancels, as the two-pass moments here do not)."""
+    """Against torch's GroupNorm in float64: at the large offset a one-pass variance would cancel
+    (torch's own channels-last fp32 kernel does), the two-pass moments here must not."""
     x, weight, bias, dy = _inputs(3, channels, side, side, offset)
     ours = GroupNorm(groups, channels, eps=1e-6)
     with torch.no_grad():

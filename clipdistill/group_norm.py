@@ -25,8 +25,8 @@ def _normalize(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
 
     Two passes per channel (the mean, then the mean square about it: no cancellation), then each
     group's moments from its channels' (the mean of their variances plus the variance of their
-    means, exact). torch.var_mean would do the first part in one call, but it is 15x slower than
-    these reductions on a channels-last tensor.
+    means, exact). torch.var_mean would do the first part in one call, but on a channels-last
+    tensor it is slower than the whole of this.
     """
     n, c = x.shape[:2]
     k = c // groups
@@ -68,7 +68,7 @@ class _GroupNormFunction(torch.autograd.Function):
         # With g = w * dy: dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)), means over each group.
         g_mean = (weight * dy_sum).view(n, groups, k).sum(-1) / count           # [N, G]
         g_x_hat_mean = (weight * dy_x_hat).view(n, groups, k).sum(-1) / count  # [N, G]
-        scale = (rstd.repeat_interleave(k, dim=1) * weight)[:, :, None, None]
+        scale = _per_channel(rstd, k) * weight[:, None, None]
         dx = torch.addcmul((x_hat * _per_channel(-rstd * g_x_hat_mean, k)).sub_(_per_channel(rstd * g_mean, k)),
                            dy, scale)
         d_weight = dy_x_hat.sum(0) if ctx.needs_input_grad[1] else None
@@ -76,8 +76,9 @@ class _GroupNormFunction(torch.autograd.Function):
         return dx, d_weight, d_bias, None, None
 
 
-# Below this many elements the dozen small ops of the closed form cost more than torch's one kernel
-# (at [2, 32, 16, 16]: 0.46 against 0.41 ms); at the decoder's [64, 32, 8, 8] (131k) they cost half.
+# Below this many elements the dozen small ops of the closed form cost more than torch's one kernel;
+# at the decoder's [64, 32, 8, 8] (131k) they cost about half of it. Both are printed by
+# `python benchmarks/synthesis_ops.py` (its GroupNorm rows; `--batch 2` for the small case).
 MIN_ELEMENTS = 2**16
 
 

@@ -5,8 +5,13 @@ Image-caption contrastive learning with every identical-caption pair a positive;
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import open_clip
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .augment import flip_translate
 from .clip_models import ClipModel
@@ -51,6 +56,46 @@ def clip_probe(clip: ClipModel, images: ImageSet | torch.Tensor, captions: list[
     return step_probe({"clip": clip}, lambda clip: sum(f.sum() for f in clip_features(clip, x, tokens)), device)
 
 
+@contextlib.contextmanager
+def caption_vocabulary(model: open_clip.CLIP, tokens: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Train only the token-embedding rows the captions use: `tokens` [N, L] renumbered for the block.
+
+    The text tower's table has a row for each of the tokenizer's 49,408 tokens, 85 % of the embedded
+    teacher's parameters, and AdamW updated all of them every step: zeroing the table's gradient
+    and AdamW's passes over it took 10 ms of a 171 ms teacher step, and 9 ms of the smaller CLIP's
+    69 ms (`python benchmarks/clip_step.py`, 2-core AMD EPYC, fp32). A row no caption uses gets a zero gradient at every step, so its AdamW
+    moments stay 0 and its update is 0 / (0 + eps) = 0 (the table has no weight decay): it never moves.
+    Inside the block the model's table holds just the used rows, in token-id order, and the yielded
+    ids index it. Sorted renumbering keeps every comparison of ids (identical captions, open_clip's
+    argmax end-of-text pooling, `torch.unique`'s order), so training ends in the same weights, bit
+    for bit (tests/test_clip_training.py). On exit the trained rows go back into the full table.
+    A checkpoint written inside the block holds the smaller table (`TRAINING_STATE_VERSION`).
+    Towers that pool at a given token id (`text_pool_type` other than argmax) train the whole table.
+    """
+    if getattr(model, "text_pool_type", "argmax") != "argmax":
+        yield tokens
+        return
+    full = model.token_embedding
+    used = torch.unique(tokens)  # sorted, so renumbering keeps the order of ids
+    renumber = torch.full((full.num_embeddings,), -1, dtype=torch.long)
+    renumber[used] = torch.arange(len(used))
+    rows = nn.Embedding(len(used), full.embedding_dim, device=full.weight.device, dtype=full.weight.dtype)
+    with torch.no_grad():
+        rows.weight.copy_(full.weight[used.to(full.weight.device)])
+    model.token_embedding = rows  # the same slot of model._modules: parameter order and names unchanged
+    try:
+        yield renumber[tokens]
+    finally:
+        with torch.no_grad():
+            full.weight[used.to(full.weight.device)] = rows.weight
+        model.token_embedding = full
+
+
+# Bump when what train_clip checkpoints changes shape, so a stage's work key no longer finds the
+# older files. 2: the token table holds the captions' rows only (caption_vocabulary).
+TRAINING_STATE_VERSION = 2
+
+
 def clip_lr_factor(total: int):
     """The LambdaLR factor of step s out of `total`: warm-up over the first 5 % of steps."""
     warmup = max(1, total // 20)
@@ -70,7 +115,17 @@ def train_clip(clip: ClipModel, images: ImageSet | torch.Tensor, captions: list[
     """
     images = as_image_set(images)
     clip.train().to(device)
-    tokens = clip._tokenizer(captions)
+    with caption_vocabulary(clip.model, clip._tokenizer(captions)) as tokens:
+        losses = _train(clip, images, tokens, epochs=epochs, batch_size=batch_size, lr=lr,
+                        weight_decay=weight_decay, generator=generator, device=device, checkpoints=checkpoints,
+                        desc=desc, workers=workers, amp_dtype=amp_dtype)
+    clip.eval()
+    return losses
+
+
+def _train(clip: ClipModel, images: ImageSet, tokens: torch.Tensor, *, epochs: int, batch_size: int, lr: float,
+           weight_decay: float, generator: torch.Generator, device: torch.device, checkpoints: Checkpoints | None,
+           desc: str, workers: int, amp_dtype: torch.dtype | None) -> list[float]:
     params_decay = [p for n, p in clip.model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     params_other = [p for n, p in clip.model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": params_decay, "weight_decay": weight_decay},
@@ -100,5 +155,4 @@ def train_clip(clip: ClipModel, images: ImageSet | torch.Tensor, captions: list[
     losses = run_steps(step, total, state={"model": clip.model, "optimizer": opt, "scheduler": sched,
                                            "batches": batches},
                        generators=[generator], checkpoints=checkpoints, desc=desc)
-    clip.eval()
     return losses

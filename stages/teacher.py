@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 
 from clipdistill.clip_models import CLIP_FILE, embedded_clip_from_params, load_open_clip, save_clip
-from clipdistill.clip_training import clip_lr_factor, clip_probe, train_clip
+from clipdistill.clip_training import TRAINING_STATE_VERSION, clip_lr_factor, clip_probe, train_clip
 from clipdistill.data import load_captioned_split
 from clipdistill.formats import choose_format, loop_rate, step_flops
 from clipdistill.image_sets import fit_in_memory
@@ -52,7 +52,8 @@ def main():
         flops = step_flops(probe, fmt)
         checkpoints = Checkpoints.for_stage(
             args.out, {args.section: asdict(section), "seed": params.seed, "threads": params.threads,
-                       "device": params.device, "image_size": image_size, "format": fmt.name}, [world_train],
+                       "device": params.device, "image_size": image_size, "format": fmt.name,
+                       "state_version": TRAINING_STATE_VERSION}, [world_train],
             section.checkpoint_every)
         start = time.perf_counter()
         losses = train_clip(fmt.apply(model), images, captions, epochs=section.epochs, batch_size=section.batch_size,

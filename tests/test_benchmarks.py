@@ -166,3 +166,18 @@ def test_synthesis_ops_benchmark_reports_each_speedup_from_its_table():
     assert m, lines[-1]
     for got, name in zip(m.groups(), ("torch GroupNorm", "x*sigmoid(x)", "ReLU then pool")):
         assert float(got) == pytest.approx(rows[name] / rows["as run"], abs=0.02)
+
+
+def test_clip_step_benchmark_reports_each_speedup_from_its_rows():
+    lines = run_script("clip_step.py", "--steps", "2", "--rounds", "1", "--batch", "4")
+    fastest = {}
+    for ln in lines:
+        m = re.fullmatch(r"(teacher|student_clip) (caption rows|whole table): fastest (\d+\.\d) ms/step .*", ln)
+        if m:
+            fastest[m.group(1), m.group(2)] = float(m.group(3))
+    assert len(fastest) == 4
+    m = re.fullmatch(r"speed-up of caption rows over whole table: teacher (\d+\.\d\d)x, student_clip (\d+\.\d\d)x",
+                     lines[-1])
+    assert m, lines[-1]
+    for got, name in zip(m.groups(), ("teacher", "student_clip")):
+        assert float(got) == pytest.approx(fastest[name, "whole table"] / fastest[name, "caption rows"], rel=0.05)

@@ -5,6 +5,7 @@ the figure is recorded with it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -71,6 +72,18 @@ def dense_matmul_gflops(device: torch.device, n: int = 2048, reps: int = 10, bud
         size *= 2
     seconds = min(timed(lambda: [a @ b for _ in range(reps)], device) for _ in range(trials))
     return 2 * size**3 * reps / seconds / 1e9
+
+
+@contextlib.contextmanager
+def filled_empties(on: bool):
+    """Within the block, torch's deterministic mode fills each new tensor with NaN (its default) or
+    not (what clipdistill.runtime.setup_torch sets): for benchmarks that time the fill's cost."""
+    saved = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = on
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = saved
 
 
 def timed(fn, device: torch.device) -> float:

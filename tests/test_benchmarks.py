@@ -156,15 +156,16 @@ def test_synthesis_ops_benchmark_reports_each_speedup_from_its_table():
     lines = run_script("synthesis_ops.py", "--batch", "2", "--steps", "1", "--cutn", "1", "--rounds", "1")
     rows = {}
     for ln in lines:
-        m = re.fullmatch(r"(as run|torch GroupNorm|x\*sigmoid\(x\)|ReLU then pool)\s+(\d+\.\d)\s+(\d+\.\d)", ln)
+        m = re.fullmatch(r"(as run|torch GroupNorm|x\*sigmoid\(x\)|ReLU then pool|NaN-filled)\s+(\d+\.\d)\s+(\d+\.\d)",
+                         ln)
         if m:
             rows[m.group(1)] = float(m.group(2))
-    assert set(rows) == {"as run", "torch GroupNorm", "x*sigmoid(x)", "ReLU then pool"}
+    assert set(rows) == {"as run", "torch GroupNorm", "x*sigmoid(x)", "ReLU then pool", "NaN-filled"}
     assert any(ln.startswith("GroupNorm(") and "ours channels-last" in ln for ln in lines)
-    m = re.fullmatch(r"speed-up over torch GroupNorm, x\*sigmoid\(x\), ReLU then pool: "
-                     r"(\d+\.\d\d)x, (\d+\.\d\d)x, (\d+\.\d\d)x", lines[-1])
+    m = re.fullmatch(r"speed-up over torch GroupNorm, x\*sigmoid\(x\), ReLU then pool, NaN-filled: "
+                     r"(\d+\.\d\d)x, (\d+\.\d\d)x, (\d+\.\d\d)x, (\d+\.\d\d)x", lines[-1])
     assert m, lines[-1]
-    for got, name in zip(m.groups(), ("torch GroupNorm", "x*sigmoid(x)", "ReLU then pool")):
+    for got, name in zip(m.groups(), ("torch GroupNorm", "x*sigmoid(x)", "ReLU then pool", "NaN-filled")):
         assert float(got) == pytest.approx(rows[name] / rows["as run"], abs=0.02)
 
 
@@ -172,12 +173,14 @@ def test_clip_step_benchmark_reports_each_speedup_from_its_rows():
     lines = run_script("clip_step.py", "--steps", "2", "--rounds", "1", "--batch", "4")
     fastest = {}
     for ln in lines:
-        m = re.fullmatch(r"(teacher|student_clip) (caption rows|whole table): fastest (\d+\.\d) ms/step .*", ln)
+        m = re.fullmatch(r"(teacher|student_clip) (as run|whole table|NaN-filled): fastest (\d+\.\d) ms/step .*", ln)
         if m:
             fastest[m.group(1), m.group(2)] = float(m.group(3))
-    assert len(fastest) == 4
-    m = re.fullmatch(r"speed-up of caption rows over whole table: teacher (\d+\.\d\d)x, student_clip (\d+\.\d\d)x",
-                     lines[-1])
+    assert len(fastest) == 6
+    m = re.fullmatch(r"speed-up over whole table, NaN-filled: teacher (\d+\.\d\d)x, (\d+\.\d\d)x; "
+                     r"student_clip (\d+\.\d\d)x, (\d+\.\d\d)x", lines[-1])
     assert m, lines[-1]
-    for got, name in zip(m.groups(), ("teacher", "student_clip")):
-        assert float(got) == pytest.approx(fastest[name, "whole table"] / fastest[name, "caption rows"], rel=0.05)
+    got = iter(m.groups())
+    for name in ("teacher", "student_clip"):
+        for variant in ("whole table", "NaN-filled"):
+            assert float(next(got)) == pytest.approx(fastest[name, variant] / fastest[name, "as run"], rel=0.05)

@@ -41,6 +41,13 @@ def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
     assert setup_torch("auto", 0) == CPU
 
 
+def test_stages_run_deterministic_algorithms_without_the_nan_fill_of_new_tensors(monkeypatch):
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
+    setup_torch("cpu", 0)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.utils.deterministic.fill_uninitialized_memory
+
+
 def test_plain_launch_is_rank_0_of_1(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     dist, device = init_distributed(CPU)

@@ -25,7 +25,7 @@ from unittest import mock
 
 import numpy as np
 import torch
-from common import add_device_args, filled_empties, machine_line, resolve_device, timed
+from common import add_device_args, add_variant_args, filled_empties, machine_line, resolve_device, timed
 
 from clipdistill import clip_training
 from clipdistill.clip_models import embedded_clip_from_params
@@ -48,11 +48,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=("embedded",), default="embedded",
                         help="the embedded CLIPs only: an open_clip teacher is loaded, not trained")
-    parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--batch", type=int, help="images per step (default: each section's batch_size)")
-    parser.add_argument("--steps", type=int, default=10, help="training steps per timed call")
-    parser.add_argument("--rounds", type=int, default=3, help="timed calls of each variant, interleaved")
-    parser.add_argument("--seed", type=int, default=0)
+    add_variant_args(parser, steps=10, steps_help="training steps per timed call", rounds=3)
     add_device_args(parser)
     args = parser.parse_args()
     if min(args.steps, args.rounds, args.batch or 1) < 1:

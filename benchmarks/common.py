@@ -29,6 +29,14 @@ def add_device_args(parser) -> None:
                         help="keep glibc's allocator defaults instead of the stages' retain_freed_memory policy")
 
 
+def add_variant_args(parser, *, steps: int, steps_help: str, rounds: int) -> None:
+    """--params, --steps, --rounds and --seed of a script that times variants of one loop in turns."""
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--steps", type=int, default=steps, help=steps_help)
+    parser.add_argument("--rounds", type=int, default=rounds, help="timed calls of each variant, interleaved")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def resolve_device(args) -> torch.device:
     """The pipeline's own device setup (clipdistill.runtime.setup_torch), so figures match its runs."""
     return setup_torch(args.device, args.threads, retain_memory=not args.default_malloc)

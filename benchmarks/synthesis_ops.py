@@ -34,7 +34,7 @@ os.environ.setdefault("OMP_PLACES", "cores")
 import torch
 import torch.nn.functional as F
 from torch import nn
-from common import add_device_args, filled_empties, machine_line, resolve_device, timed
+from common import add_device_args, add_variant_args, filled_empties, machine_line, resolve_device, timed
 
 import taming.modules.diffusionmodules.model as taming_model
 from clipdistill.group_norm import GroupNorm
@@ -100,12 +100,9 @@ def group_norm_rows(vqgan, device, batch: int, rounds: int) -> list[str]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=("embedded",), default="embedded")
-    parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--batch", type=int, help="prompts per step (default: synthesize.batch_size)")
     parser.add_argument("--cutn", type=int, help="cutouts per image (default: synthesize.cutn)")
-    parser.add_argument("--steps", type=int, default=5, help="optimisation steps per timed call")
-    parser.add_argument("--rounds", type=int, default=5, help="timed calls of each variant, interleaved")
-    parser.add_argument("--seed", type=int, default=0)
+    add_variant_args(parser, steps=5, steps_help="optimisation steps per timed call", rounds=5)
     add_device_args(parser)
     args = parser.parse_args()
     synth = load_params(args.params).synthesize

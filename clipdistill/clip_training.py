@@ -61,10 +61,10 @@ def caption_vocabulary(model: open_clip.CLIP, tokens: torch.Tensor) -> Iterator[
     """Train only the token-embedding rows the captions use: `tokens` [N, L] renumbered for the block.
 
     The text tower's table has a row for each of the tokenizer's 49,408 tokens, 85 % of the embedded
-    teacher's parameters, and AdamW updated all of them every step: zeroing the table's gradient
-    and AdamW's passes over it took 10 ms of a 171 ms teacher step, and 9 ms of the smaller CLIP's
-    69 ms (`python benchmarks/clip_step.py`, 2-core AMD EPYC, fp32). A row no caption uses gets a zero gradient at every step, so its AdamW
-    moments stay 0 and its update is 0 / (0 + eps) = 0 (the table has no weight decay): it never moves.
+    teacher's parameters, and AdamW updated all of them every step. Without that the teacher's
+    step runs 1.04x and the smaller CLIP's 1.25x faster (`python benchmarks/clip_step.py`, "whole
+    table"; docs/results.md). A row no caption uses gets a zero gradient at every step, so its
+    AdamW moments stay 0 and its update is 0 / (0 + eps) = 0 (the table has no weight decay).
     Inside the block the model's table holds just the used rows, in token-id order, and the yielded
     ids index it. Sorted renumbering keeps every comparison of ids (identical captions, open_clip's
     argmax end-of-text pooling, `torch.unique`'s order), so training ends in the same weights, bit

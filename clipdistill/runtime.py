@@ -107,9 +107,9 @@ def setup_torch(device: str, threads: int, retain_memory: bool = True) -> torch.
     torch.use_deterministic_algorithms(True, warn_only=True)
     # Deterministic mode also fills every new tensor with NaN, a write over all of its memory, so that a
     # kernel that reads memory before writing it gives the same result each time. Ours write before
-    # reading: a full `dvc repro` without the fill writes every artifact bit for bit as with it (the
-    # format choices aside, the same dvc.lock hashes; docs/results.md). The fill took a tenth of the
-    # teacher's and of synthesis's CPU steps (`python benchmarks/synthesis_ops.py`, "NaN-filled").
+    # reading: a full `dvc repro` without the fill wrote every artifact bit for bit as with it (the same
+    # output hashes in dvc.lock). Without it the teacher's step runs 1.03x, the smaller CLIP's 1.12x
+    # and synthesis's 1.04x faster (benchmarks/clip_step.py, synthesis_ops.py: "NaN-filled").
     torch.utils.deterministic.fill_uninitialized_memory = False
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

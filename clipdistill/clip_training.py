@@ -60,7 +60,7 @@ def clip_probe(clip: ClipModel, images: ImageSet | torch.Tensor, captions: list[
 def caption_vocabulary(model: open_clip.CLIP, tokens: torch.Tensor) -> Iterator[torch.Tensor]:
     """Train only the token-embedding rows the captions use: `tokens` [N, L] renumbered for the block.
 
-    The text tower's table has a row for each of the tokenizer's 49,408 tokens, 85 % of the embedded
+    The text tower's table has a row for each of the tokenizer's 49,408 tokens, 87 % of the embedded
     teacher's parameters, and AdamW updated all of them every step. Without that the teacher's
     step runs 1.04x and the smaller CLIP's 1.25x faster (`python benchmarks/clip_step.py`, "whole
     table"; docs/results.md). A row no caption uses gets a zero gradient at every step, so its

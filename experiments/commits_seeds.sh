@@ -7,8 +7,9 @@
 # rerun, so a killed comparison resumes where it was. The clones share this checkout's DVC cache.
 #   bash experiments/commits_seeds.sh d453740 HEAD                    # seeds 0 1 2, CNN student
 #   SEEDS="3 4" STUDENT=cnn bash experiments/commits_seeds.sh d453740 HEAD /tmp/compare
-# About 12 to 15 min per seed and commit on a 2-core CPU.
-set -euo pipefail
+# About 12 to 15 min per seed and commit on a 2-core CPU. The clones are of committed commits;
+# lib.sh still refuses to start over uncommitted params.yaml edits, as every script here does.
+source "$(dirname "$0")/lib.sh"
 if [ $# -lt 2 ]; then
   echo "usage: [SEEDS=\"0 1 2\"] [STUDENT=cnn] bash experiments/commits_seeds.sh REV_A REV_B [WORK]" >&2
   exit 2

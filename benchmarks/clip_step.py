@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from dataclasses import asdict
 from unittest import mock
 
 import numpy as np
@@ -29,7 +28,7 @@ from common import add_device_args, add_variant_args, filled_empties, machine_li
 
 from clipdistill import clip_training
 from clipdistill.clip_models import embedded_clip_from_params
-from clipdistill.clip_training import clip_probe, train_clip
+from clipdistill.clip_training import clip_probe, format_signature, train_clip
 from clipdistill.formats import choose_format
 from clipdistill.params import load_params
 from clipdistill.runtime import run_stage
@@ -73,7 +72,7 @@ def main():
         model = embedded_clip_from_params(section, size)
         # The stage's probe and cache key, so the format is the one `dvc repro` runs in here; another
         # --batch gets a key of its own, so it never answers for the stage.
-        signature = {name: asdict(section), "image_size": size}
+        signature = format_signature(name, section, size)
         if batch != section.batch_size:
             signature["benchmark batch"] = batch
         fmt = choose_format(name, params.precision, device, clip_probe(model, images, captions, batch, device),

@@ -6,6 +6,7 @@ Image-caption contrastive learning with every identical-caption pair a positive;
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import open_clip
@@ -94,6 +95,12 @@ def caption_vocabulary(model: open_clip.CLIP, tokens: torch.Tensor) -> Iterator[
 # Bump when what train_clip checkpoints changes shape, so a stage's work key no longer finds the
 # older files. 2: the token table holds the captions' rows only (caption_vocabulary).
 TRAINING_STATE_VERSION = 2
+
+
+def format_signature(section_name: str, section, image_size: int) -> dict:
+    """What `formats.choose_format` keys a CLIP training loop's probe by: its params section and the
+    image side. The teacher stage and benchmarks/clip_step.py share it, so both find one cache entry."""
+    return {section_name: dataclasses.asdict(section), "image_size": image_size}
 
 
 def clip_lr_factor(total: int):

@@ -16,7 +16,8 @@ import time
 from dataclasses import asdict
 
 from clipdistill.clip_models import CLIP_FILE, embedded_clip_from_params, load_open_clip, save_clip
-from clipdistill.clip_training import TRAINING_STATE_VERSION, clip_lr_factor, clip_probe, train_clip
+from clipdistill.clip_training import (TRAINING_STATE_VERSION, clip_lr_factor, clip_probe, format_signature,
+                                       train_clip)
 from clipdistill.data import load_captioned_split
 from clipdistill.formats import choose_format, loop_rate, step_flops
 from clipdistill.image_sets import fit_in_memory
@@ -47,7 +48,7 @@ def main():
         images = fit_in_memory(images, params.data.memory_budget_mb, params.data.workers, args.section)
         probe = clip_probe(model, images, captions, section.batch_size, device)
         fmt = choose_format(args.section, params.precision, device, probe,
-                            {args.section: asdict(section), "image_size": image_size})
+                            format_signature(args.section, section, image_size))
         print(fmt.describe(args.section))
         flops = step_flops(probe, fmt)
         checkpoints = Checkpoints.for_stage(
